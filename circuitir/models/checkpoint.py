@@ -1,0 +1,153 @@
+"""Loading and saving models without ever unpickling arbitrary objects.
+
+Two formats load:
+
+* circuitir checkpoints: one ``torch.save`` of a dict of tensors and plain
+  values (config, tokenizer spec, recipe, corpus hash, metrics, optimiser
+  state), read back with ``weights_only=True``;
+* OpenAI's releases: a directory with ``beeg_config.json`` and
+  ``final_model.pt`` (a bare state dict), or that ``.pt`` with the JSON beside it.
+
+Every write goes to a temporary file in the target directory and is renamed
+into place, so an interrupted save never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from circuitir.errors import UserError
+from circuitir.models.config import GPTConfig
+from circuitir.models.gpt import SparseGPT
+from circuitir.models.tokenizer import tokenizer_from_spec
+
+FORMAT = "circuitir-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: SparseGPT
+    tokenizer: object
+    sha256: str
+    path: str
+    meta: dict = field(default_factory=dict)  # recipe, corpus, seed, metrics, step, ...
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(text)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no such checkpoint: {path}") from None
+    except Exception as exc:  # truncated zip, not a torch file, a pickle of arbitrary objects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]} (is it a complete circuitir or "
+                        "OpenAI model file? re-download or re-train it)") from None
+
+
+def _build(config: GPTConfig, state_dict: dict, path: Path) -> SparseGPT:
+    model = SparseGPT(config)
+    state_dict = dict(state_dict)
+    state_dict.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
+    if config.tied_unembed:
+        state_dict.setdefault("lm_head.weight", state_dict.get("transformer.wte.weight"))
+        state_dict.setdefault("transformer.wte.weight", state_dict.get("lm_head.weight"))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"checkpoint {path} does not fit its config ({detail}); "
+                        "check that the config file belongs to these weights")
+    model.eval()
+    return model
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a circuitir checkpoint or an OpenAI release (directory, or .pt with its JSON beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_openai(path / "beeg_config.json", path / "final_model.pt")
+    if not path.exists():
+        raise UserError(f"no such checkpoint: {path}")
+    raw = _torch_load(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        if raw.get("version") != FORMAT_VERSION:
+            raise UserError(f"checkpoint {path} has format version {raw.get('version')}, "
+                            f"this circuitir reads version {FORMAT_VERSION}")
+        config = GPTConfig.from_dict(raw["config"])
+        model = _build(config, raw["state_dict"], path)
+        meta = {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
+        return LoadedModel(model, tokenizer_from_spec(raw.get("tokenizer")), file_sha256(path), str(path), meta)
+    config_path = path.with_name("beeg_config.json")
+    if isinstance(raw, dict) and config_path.exists():
+        return _load_openai(config_path, path, state_dict=raw)
+    raise UserError(f"{path} is not a circuitir checkpoint, and there is no beeg_config.json beside it "
+                    "to read it as an OpenAI release")
+
+
+def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None = None) -> LoadedModel:
+    if not config_path.exists():
+        raise UserError(f"no config at {config_path} (an OpenAI release directory holds beeg_config.json "
+                        "and final_model.pt)")
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    config = GPTConfig.from_dict(raw_config)
+    if state_dict is None:
+        if not weights_path.exists():
+            raise UserError(f"no such checkpoint: {weights_path}")
+        state_dict = _torch_load(weights_path)
+    model = _build(config, state_dict, weights_path)
+    tokenizer_spec = {"kind": "bytes"} if config.vocab_size <= 256 else None
+    tokenizer = tokenizer_from_spec(tokenizer_spec) if tokenizer_spec else None
+    return LoadedModel(model, tokenizer, file_sha256(weights_path), str(weights_path),
+                       {"source": "openai", "config": config.to_dict()})
+
+
+def save_checkpoint(path: str | Path, model: SparseGPT, tokenizer, **meta) -> str:
+    """Write a circuitir checkpoint atomically; returns its SHA-256."""
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
+               "tokenizer": tokenizer.spec, "state_dict": model.state_dict(), **meta}
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
+    return file_sha256(path)

@@ -1,0 +1,88 @@
+"""Task loss and accuracy: the paper's binary cross-entropy at the last position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from circuitir.errors import UserError
+from circuitir.tasks import Example, Task
+
+
+@dataclass
+class TaskBatch:
+    """Prompts tokenized, right-padded, with the two candidate tokens of each."""
+    tokens: torch.Tensor        # (N, T) long, right-padded with 0
+    last: torch.Tensor          # (N,) index of each prompt's last token
+    correct: torch.Tensor       # (N,) token id
+    alternative: torch.Tensor   # (N,) token id
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def first_token(tokenizer, text: str) -> int:
+    tokens = tokenizer.encode(text)
+    if not tokens:
+        raise UserError(f"task: empty answer {text!r}")
+    return tokens[0]
+
+
+def encode_examples(task: Task, examples: list[Example], tokenizer, block_size: int) -> TaskBatch:
+    rows, last, correct, alternative = [], [], [], []
+    for example in examples:
+        tokens = tokenizer.encode(example.prompt)
+        if len(tokens) > block_size:
+            raise UserError(f"task {task.name}: a prompt is {len(tokens)} tokens, longer than the model's "
+                            f"context of {block_size}; use a model with a larger block_size")
+        good, bad = first_token(tokenizer, example.correct), first_token(tokenizer, example.alternative)
+        if good == bad:
+            raise UserError(f"task {task.name}: answers {example.correct!r} and {example.alternative!r} "
+                            "start with the same token under this model's tokenizer, so the task cannot be "
+                            "measured on it")
+        rows.append(tokens)
+        last.append(len(tokens) - 1)
+        correct.append(good)
+        alternative.append(bad)
+    width = max(len(r) for r in rows)
+    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = torch.tensor(row)
+    return TaskBatch(padded, torch.tensor(last), torch.tensor(correct), torch.tensor(alternative),
+                     [e.prompt for e in examples])
+
+
+def candidate_logits(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """(N, T, V) full logits -> (N, 2) logits of [correct, alternative] at each prompt's last token."""
+    at_last = logits[torch.arange(len(batch)), batch.last]
+    return torch.stack([at_last.gather(-1, batch.correct[:, None])[:, 0],
+                        at_last.gather(-1, batch.alternative[:, None])[:, 0]], dim=-1)
+
+
+def binary_loss(pair_logits: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy with column 0 the correct answer (nats)."""
+    return F.cross_entropy(pair_logits, torch.zeros(len(pair_logits), dtype=torch.long))
+
+
+def accuracy(pair_logits: torch.Tensor) -> float:
+    return float((pair_logits[:, 0] > pair_logits[:, 1]).float().mean())
+
+
+@torch.no_grad()
+def evaluate_model(model, task: Task, tokenizer, split: str = "heldout", n: int = 512, seed: int = 0,
+                   batch_size: int = 256) -> dict:
+    batch = encode_examples(task, task.examples(split, n, seed), tokenizer, model.config.block_size)
+    model.eval()
+    pair_logits = torch.cat([
+        candidate_logits(model(batch.tokens[i:i + batch_size]), _slice(batch, i, i + batch_size))
+        for i in range(0, len(batch), batch_size)])
+    return {"task": task.name, "loss": float(binary_loss(pair_logits)), "accuracy": accuracy(pair_logits),
+            "n": len(batch)}
+
+
+def _slice(batch: TaskBatch, start: int, stop: int) -> TaskBatch:
+    return TaskBatch(batch.tokens[start:stop], batch.last[start:stop], batch.correct[start:stop],
+                     batch.alternative[start:stop], batch.prompts[start:stop])
