@@ -37,7 +37,7 @@ class AbsTopK(nn.Module):
 
     def __init__(self, k: int):
         super().__init__()
-        self.k = max(1, int(k))
+        self.k = int(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         magnitude = x.abs()
@@ -48,9 +48,14 @@ class AbsTopK(nn.Module):
         return f"k={self.k}"
 
 
+def topk_k(afrac: float, width: int) -> int:
+    """How many entries AbsTopK keeps at a location of this width (at least one)."""
+    return max(1, int(afrac * width))
+
+
 def maybe_topk(config: GPTConfig, location: str, width: int) -> nn.Module:
     if location in config.sparsity_locations:
-        return AbsTopK(int(config.afrac * width))
+        return AbsTopK(topk_k(config.afrac, width))
     return nn.Identity()
 
 
