@@ -87,7 +87,17 @@ def _torch_load(path: Path):
 
 def _build(config: GPTConfig, state_dict: dict, path: Path) -> SparseGPT:
     model = SparseGPT(config)
+    if not isinstance(state_dict, dict):
+        raise UserError(f"checkpoint {path} holds no state dict of weights")
     state_dict = dict(state_dict)
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        # load_state_dict reports a wrong shape as a RuntimeError; it is the user's file that is wrong.
+        if key in expected and (not isinstance(value, torch.Tensor) or value.shape != expected[key].shape):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(f"checkpoint {path} does not fit its config ({key} is {found}, the config "
+                            f"gives {tuple(expected[key].shape)}); check that the config file belongs "
+                            "to these weights")
     state_dict.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
     if config.tied_unembed:
         state_dict.setdefault("lm_head.weight", state_dict.get("transformer.wte.weight"))
@@ -113,8 +123,8 @@ def load_model(path: str | Path) -> LoadedModel:
         if raw.get("version") != FORMAT_VERSION:
             raise UserError(f"checkpoint {path} has format version {raw.get('version')}, "
                             f"this circuitir reads version {FORMAT_VERSION}")
-        config = GPTConfig.from_dict(raw["config"])
-        model = _build(config, raw["state_dict"], path)
+        config = GPTConfig.from_dict(raw.get("config"))
+        model = _build(config, raw.get("state_dict"), path)
         meta = {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
         return LoadedModel(model, tokenizer_from_spec(raw.get("tokenizer")), file_sha256(path), str(path), meta)
     config_path = path.with_name("beeg_config.json")
