@@ -1,7 +1,8 @@
 """The ``circuitir`` command. It only parses arguments and calls the library.
 
 Bad input (a :class:`~circuitir.errors.UserError`) ends with one line on
-stderr and exit code 2; Ctrl-C with exit code 130. Commands that write files
+stderr and exit code 2; Ctrl-C with exit code 130; a closed output pipe
+(``| head``) with exit code 141 and no message. Commands that write files
 write them atomically, so neither leaves anything half-written.
 """
 
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from circuitir.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 def print_json(obj) -> None:
@@ -149,15 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    command = "circuitir"
     try:
-        return args.run(args)
+        try:
+            args = parser.parse_args(argv)
+            command = f"circuitir {args.command}"
+            return args.run(args)
+        finally:
+            # A reader that went away (`circuitir tasks | head`) shows up here, not at interpreter exit.
+            sys.stdout.flush()
     except UserError as exc:
-        print(f"circuitir {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"circuitir {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Stop quietly, as a tool killed by SIGPIPE would; point stdout at /dev/null so the
+        # interpreter's own final flush does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured, replaced)
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
