@@ -134,6 +134,38 @@ def weight_density(model: SparseGPT) -> dict[str, float]:
     return {name: float((p != 0).float().mean()) for name, p in model.sparse_parameters().items()}
 
 
+def make_optimizer(model: SparseGPT, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only."""
+    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if p.dim() != 2 and p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": recipe.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.95), eps=recipe.adam_eps)
+
+
+def train_step(model: SparseGPT, optimizer: torch.optim.Optimizer, recipe: Recipe, step: int,
+               inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One optimiser step at ``step``, top-k projection included; returns (loss, density)."""
+    density = 1.0 if recipe.dense else density_at(step, recipe.steps, recipe.density,
+                                                  recipe.anneal_start, recipe.anneal_end)
+    lr = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+    if not recipe.dense:
+        lr *= math.sqrt(recipe.density / density)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    rms = torch.sqrt(sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads))
+    for g in grads:
+        g.div_(rms + 1e-5)
+    optimizer.step()
+    if not recipe.dense:
+        sparsify(model, recipe, density)
+    return loss.detach(), density
+
+
 def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bool = True,
           log=None) -> dict:
     """Train per ``recipe`` and write the checkpoint to ``out_path``; returns the final metrics."""
@@ -145,11 +177,7 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
     config = GPTConfig.from_dict({"vocab_size": tokenizer.vocab_size, **recipe.model})
     model = SparseGPT(config)
     model.reset_parameters(torch.Generator().manual_seed(recipe.seed))
-    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and p.requires_grad]
-    others = [p for n, p in model.named_parameters() if p.dim() != 2 and p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": recipe.weight_decay}, {"params": others, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=(0.9, 0.95), eps=recipe.adam_eps)
+    optimizer = make_optimizer(model, recipe)
     start_step = 0
     history: list[dict] = []
     if resume:
@@ -174,24 +202,8 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
     tokens_seen = 0
     model.train()
     for step in bar:
-        density = 1.0 if recipe.dense else density_at(step, recipe.steps, recipe.density,
-                                                      recipe.anneal_start, recipe.anneal_end)
-        lr = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
-        if not recipe.dense:
-            lr *= math.sqrt(recipe.density / density)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         inputs, targets = batches.get(step)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        rms = torch.sqrt(sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads))
-        for g in grads:
-            g.div_(rms + 1e-5)
-        optimizer.step()
-        if not recipe.dense:
-            sparsify(model, recipe, density)
+        loss, density = train_step(model, optimizer, recipe, step, inputs, targets)
         tokens_seen += inputs.numel()
         rate = tokens_seen / max(1e-9, time.time() - started)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", density=f"{density:.3f}")
