@@ -166,10 +166,12 @@ class Circuit:
 
     @property
     def n_edges(self) -> int:
-        """Weight edges between kept nodes (and into logits), plus residual edges between kept nodes."""
-        graph = self.graph()
-        return sum(1 for _, _, d in graph.edges(data=True) if d["kind"] in ("weight", "residual")
-                   and self.nodes[_src_node(graph, _)].kind != "const")
+        """Edges between kept nodes (and into the logits): nonzero weights plus residual edges.
+
+        Edges from constants are not counted: a constant is what the circuit replaced a channel
+        by, not part of the mechanism (the paper counts the same way)."""
+        return sum(1 for src, _, data in self.graph().edges(data=True)
+                   if data["kind"] in ("weight", "residual") and self.nodes[src].kind == "kept")
 
     def graph(self) -> nx.DiGraph:
         """All nodes and every dependency: weights, residual edges, attention patterns, norm statistics."""
@@ -197,10 +199,10 @@ class Circuit:
                     graph.add_edge(write, read, kind="residual", weight=1.0)
                 elif couples(read_point(read.site)) and self.nodes[read].kind == "kept":
                     graph.add_edge(write, read, kind="norm", weight=None)
-        # The final norm sees every final_resid channel: each kept one shapes every logit.
+        # The final norm sees every final_resid channel: each one (kept or constant) shapes every logit.
         if couples("final"):
             for node, data in self.nodes.items():
-                if node.site == "final_resid" and data.kind == "kept":
+                if node.site == "final_resid":
                     for k in range(len(self.candidates)):
                         if not graph.has_edge(node, Node("logits", k)):
                             graph.add_edge(node, Node("logits", k), kind="norm", weight=None)
@@ -259,10 +261,6 @@ class Circuit:
     def from_mask(cls, model, mask, **kwargs) -> "Circuit":
         from circuitir.ir.lower import circuit_from_mask
         return circuit_from_mask(model, mask, **kwargs)
-
-
-def _src_node(graph, edge):
-    return edge[0]
 
 
 def _nan_safe(obj):

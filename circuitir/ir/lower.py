@@ -52,7 +52,7 @@ def check_lowerable(model) -> None:
 
 def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict | None = None,
                       norm: str = "live", frozen_scales: dict | None = None, candidates: list[int] | None = None,
-                      header: dict | None = None, dce: bool = True) -> Circuit:
+                      header: dict | None = None, dce: bool = True, fold: bool = True) -> Circuit:
     """Lower ``model`` with ``mask`` ({site: bool[width]}) to a Circuit computing ``candidates``' logits."""
     check_lowerable(model)
     if norm not in ("live", "frozen"):
@@ -66,7 +66,7 @@ def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict 
     full_header = {"ablation": {"kind": ablation}, "norm": norm, **(header or {})}
     full_header["norm"] = norm
     while True:
-        circuit = _lower(model, keep, fills, norm, frozen_scales, list(candidates), full_header)
+        circuit = _lower(model, keep, fills, norm, frozen_scales, list(candidates), full_header, fold)
         if not dce:
             return circuit
         graph = circuit.graph()
@@ -81,7 +81,7 @@ def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict 
 
 
 @torch.no_grad()
-def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> Circuit:
+def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fold=True) -> Circuit:
     config = model.config
     cdict = config.to_dict()
     specs = site_specs(cdict, len(candidates))
@@ -126,6 +126,20 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> 
         if spec.kind == "resid_delta":
             const[spec.name] |= tracked - kept[spec.name]
     const["final_resid"] = set(range(d_model)) - kept["final_resid"]
+
+    if not fold:
+        # Unfolded: every ablated input of a kept node stays as a constant node (fold-constants folds them).
+        for layer, block in enumerate(blocks):
+            a, m = f"{layer}.attn", f"{layer}.mlp"
+            width = config.n_head * d_head
+            rows = [offset * width + c for offset, part in enumerate("qkv") for c in sorted(kept[f"{a}.{part}"])]
+            for src, weight, dst_rows in ((f"{a}.act_in", block.attn.c_attn.weight, rows),
+                                          (f"{m}.act_in", block.mlp.c_fc.weight, sorted(kept[f"{m}.post_act"])),
+                                          (f"{m}.post_act", block.mlp.c_proj.weight,
+                                           sorted(kept[f"{m}.resid_delta"]))):
+                if dst_rows:
+                    used = torch.nonzero((weight[dst_rows] != 0).any(0)).flatten().tolist()
+                    const[src] |= set(used) - kept[src]
 
     def live(site):
         return kept[site] | const[site]

@@ -3,7 +3,7 @@
 A :class:`Site` is an identity module (like TransformerLens' HookPoint) that
 torch.fx keeps as a leaf, so every traced graph has one call per site and a
 pass can find, mask or replace it by name. A site can carry an *ablation*:
-a boolean ``keep`` mask over its channels and the ``fill`` values that stand
+a ``keep`` mask over its channels (boolean; or float in [0, 1] while pruning learns it) and the ``fill`` values that stand
 in for the channels it does not keep, ``x*keep + fill*(1-keep)``. Those are
 plain attributes, never buffers, so they do not enter the state dict.
 """
@@ -25,7 +25,10 @@ class Site(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.keep is not None:
-            x = torch.where(self.keep, x, self.fill.to(x.dtype))
+            if self.keep.dtype == torch.bool:
+                x = torch.where(self.keep, x, self.fill.to(x.dtype))
+            else:  # a soft (differentiable) mask, as pruning learns it
+                x = x * self.keep + self.fill.to(x.dtype) * (1 - self.keep)
         if self.recording is not None:
             self.recording.append(x.detach())
         return x

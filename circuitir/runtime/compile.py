@@ -163,10 +163,11 @@ class CircuitModule(nn.Module):
         self.final_rms, self.final_eps, self.final_frozen = final.rms, final.eps, final.frozen_scale
         self._buffer("final_kept_pos", positions("final_resid", self.kept["final_resid"]))
         n_out = len(circuit.candidates)
-        w_out = torch.zeros(n_out, self.d_model)
+        final_pos = {c: i for i, c in enumerate(self.live["final_resid"])}
+        w_out = torch.zeros(n_out, len(final_pos))
         for (s, d), w in circuit.edges.items():
             if d.site == "logits":
-                w_out[d.index, s.index] = w
+                w_out[d.index, final_pos[s.index]] = w
         self._buffer("w_out", w_out)
         self._buffer("b_out", torch.tensor([circuit.nodes[Node("logits", k)].bias for k in range(n_out)],
                                            dtype=torch.float32))
@@ -237,13 +238,15 @@ class CircuitModule(nn.Module):
                 post = self.site(f"{prefix}.post_act")(hidden, zero)
                 delta = write_site(post @ self.buf(prefix, "wproj").T + self.buf(prefix, "bproj"), zero)
             resid = resid.index_add(-1, self.buf(prefix, "write_pos"), delta)
-        final = self.site("final_resid")(resid[..., self.final_kept_pos], zero)  # (B, T, d_model)
+        # Live final_resid channels; any channel left out is one the final norm's statistics do not
+        # depend on (frozen RMS scale), so sums divide by the full width.
+        final = self.site("final_resid")(resid[..., self.final_kept_pos], zero)
         if self.final_rms:
             centred = final
-            variance = final.pow(2).mean(-1, keepdim=True)
+            variance = final.pow(2).sum(-1, keepdim=True) / self.d_model
         else:
-            centred = final - final.mean(-1, keepdim=True)
-            variance = centred.pow(2).mean(-1, keepdim=True)
+            centred = final - final.sum(-1, keepdim=True) / self.d_model
+            variance = centred.pow(2).sum(-1, keepdim=True) / self.d_model
         scale = torch.rsqrt(variance + self.final_eps)
         if self.final_frozen is not None:
             scale = torch.full_like(variance, self.final_frozen)

@@ -1,0 +1,96 @@
+"""Graph IR: the model traced with torch.fx, sites and norms kept as leaves.
+
+``trace(model)`` returns a ``torch.fx.GraphModule`` in which every site is one
+``call_module`` node (so passes can find, mask or replace it by name) and a
+site table: each site's name, width, and the weight matrices that read and
+write it, with their nonzero counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from circuitir.ir.circuit import site_specs
+from circuitir.ir.sites import Site
+from circuitir.models.gpt import Norm
+
+
+class SiteTracer(torch.fx.Tracer):
+    """Keeps sites and norms opaque: a site is a place, a norm has a mode the runtime switches."""
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (Site, Norm)) or super().is_leaf_module(module, qualified_name)
+
+
+@dataclass
+class SiteInfo:
+    name: str
+    width: int
+    module: str                       # qualified module path in the model
+    readers: list[str] = field(default_factory=list)   # weight matrices reading this site
+    writers: list[str] = field(default_factory=list)   # weight matrices writing it
+
+
+@dataclass
+class GraphIR:
+    graph_module: torch.fx.GraphModule
+    sites: dict[str, SiteInfo]
+    nonzeros: dict[str, tuple[int, int]]  # matrix -> (nonzero, total)
+
+    def site_nodes(self) -> dict[str, torch.fx.Node]:
+        """The fx node of every site, by site name."""
+        by_module = {info.module: name for name, info in self.sites.items()}
+        return {by_module[node.target]: node for node in self.graph_module.graph.nodes
+                if node.op == "call_module" and node.target in by_module}
+
+
+# Which weight matrices read and write each kind of site (residual reads go through a norm).
+READS = {"act_in": lambda L, sub: [f"transformer.h.{L}.{sub}.c_attn.weight" if sub == "attn"
+                                   else f"transformer.h.{L}.mlp.c_fc.weight"],
+         "v": lambda L, sub: [f"transformer.h.{L}.attn.c_proj.weight"],
+         "post_act": lambda L, sub: [f"transformer.h.{L}.mlp.c_proj.weight"],
+         "final_resid": lambda L, sub: ["lm_head.weight"]}
+WRITES = {"q": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
+          "k": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
+          "v": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
+          "post_act": lambda L, sub: [f"transformer.h.{L}.mlp.c_fc.weight"],
+          "resid_delta": lambda L, sub: [f"transformer.h.{L}.{sub}.c_proj.weight"],
+          "act_in": lambda L, sub: ["transformer.wte.weight"],
+          "final_resid": lambda L, sub: ["transformer.wte.weight"]}
+
+
+def trace(model) -> GraphIR:
+    graph = SiteTracer().trace(model)
+    graph_module = torch.fx.GraphModule(model, graph, class_name="SparseGPTGraph")
+    paths = {module.name: path for path, module in model.named_modules() if isinstance(module, Site)}
+    sites = {}
+    for spec in site_specs(model.config.to_dict()):
+        if spec.kind == "logits":
+            continue
+        sub = spec.sublayer
+        info = SiteInfo(spec.name, spec.width, paths[spec.name])
+        if spec.kind in READS:
+            info.readers = READS[spec.kind](spec.layer, sub)
+        if spec.kind in WRITES:
+            info.writers = WRITES[spec.kind](spec.layer, sub)
+        sites[spec.name] = info
+    nonzeros = {name: (int((p != 0).sum()), p.numel()) for name, p in model.sparse_parameters().items()}
+    return GraphIR(graph_module, sites, nonzeros)
+
+
+def summary(model, graph_ir: GraphIR | None = None) -> dict:
+    """What `circuitir trace` prints: layers, sites with widths, nonzero weights per matrix."""
+    graph_ir = graph_ir or trace(model)
+    config = model.config
+    return {
+        "config": config.to_dict(),
+        "layers": config.n_layer,
+        "fx_nodes": len(list(graph_ir.graph_module.graph.nodes)),
+        "sites": [{"site": s.name, "channels": s.width, "read_by": s.readers, "written_by": s.writers}
+                  for s in graph_ir.sites.values()],
+        "matrices": [{"matrix": name, "nonzero": nz, "total": total, "density": nz / total}
+                     for name, (nz, total) in graph_ir.nonzeros.items()],
+    }

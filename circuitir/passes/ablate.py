@@ -1,0 +1,114 @@
+"""Ablation passes: choose what every channel outside the circuit is replaced by.
+
+``mean-ablate`` measures per-channel means at every site, over the
+pretraining corpus (default) or the task's train prompts, and installs them as
+the sites' fill values (``x*m + mean*(1-m)`` once a mask is set). Means are
+cached on disk per (model hash, corpus hash, token count, seed), so a second
+extraction does not recompute them. ``zero-ablate`` fills with zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from circuitir.errors import UserError
+from circuitir.ir.ablation import site_means
+from circuitir.passes.manager import PipelineState, register
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CIRCUITIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "circuitir")
+    return Path(root)
+
+
+def corpus_windows(corpus_tokens: torch.Tensor, block_size: int, n_tokens: int, seed: int) -> torch.Tensor:
+    """``n_tokens`` worth of evenly spread, seed-shifted windows of the corpus."""
+    windows = max(1, n_tokens // block_size)
+    span = len(corpus_tokens) - block_size - 1
+    if span <= 0:
+        raise UserError("corpus is shorter than one context window")
+    generator = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(0, max(1, span // windows), (), generator=generator))
+    starts = (torch.linspace(0, span - 1, windows).long() + shift).clamp(max=span - 1)
+    return torch.stack([corpus_tokens[s:s + block_size].long() for s in starts])
+
+
+def pretrain_means(loaded, tokens: int, seed: int) -> tuple[dict, dict]:
+    """Per-site means over ``tokens`` corpus tokens, from the cache when possible."""
+    from circuitir.data.corpus import load_corpus
+    from circuitir.models.checkpoint import atomic_path
+
+    corpus_info = loaded.meta.get("corpus", {})
+    corpus = load_corpus(corpus_info.get("root") if corpus_info.get("root") and
+                         Path(corpus_info["root"]).is_dir() else None, loaded.tokenizer)
+    key = f"{loaded.sha256[:16]}-{corpus.sha256[:16]}-{tokens}-{seed}.pt"
+    path = cache_dir() / "means" / key
+    info = {"over": "pretrain", "tokens": tokens, "corpus_sha256": corpus.sha256}
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            return cached, {**info, "cached": True}
+        except Exception:
+            path.unlink(missing_ok=True)  # a broken cache entry is recomputed
+    windows = corpus_windows(corpus.train, loaded.config.block_size, tokens, seed)
+    means = site_means(loaded.model, windows)
+    with atomic_path(path) as temp:
+        torch.save(means, temp)
+    return means, {**info, "cached": False}
+
+
+def task_means(loaded, task, tokens: int, seed: int) -> tuple[dict, dict]:
+    from circuitir.tasks.evaluate import encode_examples
+    n = max(16, tokens // 32)
+    batch = encode_examples(task, task.examples("train", n, seed + 7), loaded.tokenizer, loaded.config.block_size)
+    # Only real (unpadded) positions count.
+    from circuitir.ir.ablation import record_sites
+    recorded = record_sites(loaded.model, batch.tokens)
+    valid = (torch.arange(batch.tokens.shape[1])[None, :] <= batch.last[:, None]).flatten()
+    means = {name: values[valid].double().mean(0).float() for name, values in recorded.items()}
+    return means, {"over": "task", "tokens": int(valid.sum())}
+
+
+@dataclass
+class MeanOptions:
+    over: str = "pretrain"
+    tokens: int = 65536
+
+    def validate(self):
+        if self.over not in ("pretrain", "task"):
+            raise UserError(f"pipeline: mean-ablate{{over={self.over}}}: over is pretrain or task")
+        if self.tokens < 1:
+            raise UserError("pipeline: mean-ablate{tokens} must be positive")
+
+
+@register("mean-ablate", MeanOptions, needs=("graph",), provides=("ablation",),
+          summary="replace channels outside the circuit by their mean (pretraining corpus or task prompts)")
+def mean_ablate(state: PipelineState, options: MeanOptions) -> None:
+    if options.over == "pretrain":
+        means, info = pretrain_means(state.loaded, options.tokens, state.seed)
+    else:
+        means, info = task_means(state.loaded, state.task, options.tokens, state.seed)
+    state.ablation = {"kind": "mean", "fills": means, "means": means, **info}
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@register("zero-ablate", NoOptions, needs=("graph",), provides=("ablation",),
+          summary="replace channels outside the circuit by zero")
+def zero_ablate(state: PipelineState, options: NoOptions) -> None:
+    fills = {name: torch.zeros(site.width) for name, site in state.loaded.model.sites().items()}
+    state.ablation = {"kind": "zero", "fills": fills, "means": fills}
+
+
+@register("trace", NoOptions, provides=("graph",),
+          summary="trace the model with torch.fx, sites and norms as leaves")
+def trace_pass(state: PipelineState, options: NoOptions) -> None:
+    from circuitir.ir.trace import trace
+    state.graph = trace(state.loaded.model)

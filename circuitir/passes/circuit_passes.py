@@ -1,0 +1,82 @@
+"""Passes from a node mask to a clean Circuit IR: lower, fold-constants, dce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from circuitir.ir.circuit import Circuit, Node, site_specs
+from circuitir.passes.manager import PipelineState, register
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@register("lower", NoOptions, needs=("mask",), provides=("circuit",),
+          summary="read the kept channels, their nonzero weights and the ablated inputs off the masked model")
+def lower(state: PipelineState, options: NoOptions) -> None:
+    from circuitir.ir.lower import circuit_from_mask
+    ablation = state.ablation
+    state.circuit = circuit_from_mask(state.loaded.model, state.mask, ablation=ablation["kind"],
+                                      means=ablation["fills"], candidates=state.candidates,
+                                      header={}, dce=False, fold=False)
+
+
+def foldable_sites(circuit: Circuit) -> set[str]:
+    """Sites whose constants feed only linear maps into kept nodes: act_in and post_act without AbsTopK."""
+    return {s.name for s in site_specs(circuit.config, len(circuit.candidates))
+            if s.kind in ("act_in", "post_act") and s.topk is None}
+
+
+def fold_constants(circuit: Circuit) -> Circuit:
+    """Fold every foldable constant into the biases of the nodes it feeds, and drop it."""
+    sites = foldable_sites(circuit)
+    folded = [n for n, d in circuit.nodes.items() if d.kind == "const" and n.site in sites]
+    for (src, dst), weight in list(circuit.edges.items()):
+        if src in folded:
+            data = circuit.nodes[dst]
+            data.bias = _f32(data.bias + _f32(weight) * circuit.nodes[src].value)
+            del circuit.edges[(src, dst)]
+    for node in folded:
+        del circuit.nodes[node]
+    return circuit
+
+
+def _f32(x: float) -> float:
+    import torch
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+@register("fold-constants", NoOptions, needs=("circuit",), provides=("circuit",),
+          summary="fold ablated inputs into biases, so nothing refers to an ablated channel it need not")
+def fold_pass(state: PipelineState, options: NoOptions) -> None:
+    fold_constants(state.circuit)
+
+
+def eliminate_dead_code(circuit: Circuit) -> Circuit:
+    """Drop nodes (and heads, and norms) with no path to the logits."""
+    graph = circuit.graph()
+    reaching = set()
+    for k in range(len(circuit.candidates)):
+        reaching |= nx.ancestors(graph, Node("logits", k)) | {Node("logits", k)}
+    dead = [n for n in circuit.nodes if n not in reaching]
+    for node in dead:
+        del circuit.nodes[node]
+    circuit.edges = {(s, d): w for (s, d), w in circuit.edges.items() if s in circuit.nodes and d in circuit.nodes}
+    d_head = circuit.config["d_head"]
+    for (layer, head) in list(circuit.heads):
+        if Node(f"{layer}.attn.q", head * d_head) not in circuit.nodes:
+            del circuit.heads[(layer, head)]
+    for point in [p for p in circuit.norms if p != "final"]:
+        if not any(n.site == f"{point}.act_in" and d.kind == "kept" for n, d in circuit.nodes.items()):
+            del circuit.norms[point]
+    return circuit
+
+
+@register("dce", NoOptions, needs=("circuit",), provides=("circuit",),
+          summary="drop nodes and edges with no path to the output (networkx)")
+def dce_pass(state: PipelineState, options: NoOptions) -> None:
+    eliminate_dead_code(state.circuit)

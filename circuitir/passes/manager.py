@@ -1,0 +1,158 @@
+"""The pass manager: passes with names and typed options, pipelines written as text.
+
+A pipeline is text, MLIR/xDSL style::
+
+    trace, mean-ablate{over=pretrain,tokens=65536}, prune{target=0.15}, lower, fold-constants, dce
+
+It is parsed and validated (pass names, option names and types, order) before
+anything runs, and the canonical form of the pipeline that ran is written
+into the circuit's header so ``circuitir extract --pipeline`` can re-run it.
+
+Each pass declares what it needs in the :class:`PipelineState` and what it
+provides; a pipeline whose passes are out of order is refused up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from circuitir.errors import UserError
+
+
+@dataclass
+class PipelineState:
+    """What passes read and write. ``model`` is a LoadedModel; the rest is filled in by passes."""
+    loaded: object
+    task: object
+    seed: int = 0
+    progress: bool = True
+    candidates: list = field(default_factory=list)  # the task's answer tokens: the circuit's outputs
+    graph: object = None        # GraphIR (trace)
+    ablation: dict | None = None  # {"kind", "fills", "over", "tokens", "means"} (ablate passes)
+    mask: dict | None = None    # {site: bool tensor} (prune)
+    circuit: object = None      # Circuit (lower, fold-constants, dce)
+    metrics: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable                 # (state, options) -> None, updates state
+    options: type                 # a dataclass of typed options with defaults
+    needs: tuple[str, ...] = ()   # state fields that must be set before
+    provides: tuple[str, ...] = ()
+    summary: str = ""
+
+
+REGISTRY: dict[str, Pass] = {}
+
+
+def register(name: str, options: type, needs=(), provides=(), summary: str = ""):
+    def decorate(run):
+        REGISTRY[name] = Pass(name, run, options, tuple(needs), tuple(provides), summary)
+        return run
+    return decorate
+
+
+@dataclass
+class PassCall:
+    name: str
+    options: object
+
+    def text(self) -> str:
+        """Canonical text: only options that differ from their defaults, in declaration order."""
+        defaults = REGISTRY[self.name].options()
+        parts = [f"{f.name.replace('_', '-')}={_format(getattr(self.options, f.name))}"
+                 for f in dataclasses.fields(self.options)
+                 if getattr(self.options, f.name) != getattr(defaults, f.name)]
+        return self.name + ("{" + ",".join(parts) + "}" if parts else "")
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+CALL_RE = re.compile(r"\s*([A-Za-z][A-Za-z0-9_-]*)\s*(\{([^{}]*)\})?\s*(,|$)")
+
+
+def _convert(pass_name: str, option: dataclasses.Field, raw: str):
+    kind = option.type if isinstance(option.type, type) else eval(option.type, {})  # annotations are strings
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError
+            return raw.lower() == "true"
+        return kind(raw)
+    except ValueError:
+        raise UserError(f"pipeline: {pass_name}{{{option.name.replace('_', '-')}={raw}}}: expected "
+                        f"{kind.__name__}") from None
+
+
+def parse_pipeline(text: str) -> list[PassCall]:
+    """Parse and validate a pipeline; raises UserError naming the first problem."""
+    calls, position = [], 0
+    text = text.strip()
+    if not text:
+        raise UserError("pipeline: empty (e.g. 'trace, mean-ablate, prune{target=0.15}, lower, dce')")
+    while position < len(text):
+        match = CALL_RE.match(text, position)
+        if not match:
+            raise UserError(f"pipeline: cannot read {text[position:position + 30]!r} at column {position + 1} "
+                            "(expected name or name{key=value,...}, separated by commas)")
+        name, body = match.group(1), match.group(3)
+        if name not in REGISTRY:
+            raise UserError(f"pipeline: unknown pass {name!r} (known: {', '.join(REGISTRY)}; see `circuitir passes`)")
+        spec = REGISTRY[name]
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(spec.options)}
+        values = {}
+        for item in filter(None, (s.strip() for s in (body or "").split(","))):
+            if "=" not in item:
+                raise UserError(f"pipeline: {name}{{{item}}}: options are key=value")
+            key, raw = (s.strip() for s in item.split("=", 1))
+            if key not in fields:
+                known = ", ".join(fields) or "none"
+                raise UserError(f"pipeline: pass {name} has no option {key!r} (options: {known})")
+            values[fields[key].name] = _convert(name, fields[key], raw)
+        try:
+            options = spec.options(**values)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"pipeline: {name}: {exc}") from None
+        validate = getattr(options, "validate", None)
+        if validate:
+            validate()
+        calls.append(PassCall(name, options))
+        position = match.end()
+    check_order(calls)
+    return calls
+
+
+def check_order(calls: list[PassCall]) -> None:
+    available = {"loaded", "task"}
+    for call in calls:
+        spec = REGISTRY[call.name]
+        missing = [need for need in spec.needs if need not in available]
+        if missing:
+            producers = [p.name for p in REGISTRY.values() if missing[0] in p.provides]
+            raise UserError(f"pipeline: pass {call.name} needs {missing[0]}, which comes from "
+                            f"{' or '.join(producers)}; put that pass before {call.name}")
+        available |= set(spec.provides)
+    if "circuit" not in available:
+        raise UserError("pipeline: it never produces a circuit (end it with lower, fold-constants, dce)")
+
+
+def pipeline_text(calls: list[PassCall]) -> str:
+    return ", ".join(call.text() for call in calls)
+
+
+def run_pipeline(calls: list[PassCall], state: PipelineState) -> PipelineState:
+    for call in calls:
+        REGISTRY[call.name].run(state, call.options)
+    return state

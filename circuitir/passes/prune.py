@@ -1,0 +1,226 @@
+"""prune: the smallest set of nodes whose circuit still does the task.
+
+The paper's procedure, then one step more:
+
+1. *Learn*: one logit τ per node, clamped to [-1, 1], initialised ~N(0.1, 0.01).
+   The forward pass keeps node i when τ_i > 0 (Heaviside); the backward pass
+   uses the sigmoid's derivative (straight-through). Loss = task CE +
+   λ·(number of kept nodes), AdamW with gradient clipping, on train prompts.
+2. *Bisect*: order nodes by τ and find the smallest k whose top-k prefix meets
+   the target loss on a separate *selection* set of prompts.
+3. *Minimise* (greedy): try dropping each kept node, least important first,
+   and keep the drop when the target still holds; repeat until no node can
+   go, so every node left is necessary on the selection set.
+4. *Calibrate*: fit a scalar scale of the candidate logits (LBFGS); a common
+   shift cannot change a binary loss, so the recorded shift stays 0.
+
+Selection uses train-split prompts (another seed), never the held-out split,
+so ``check`` measures sufficiency on prompts the search never saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from circuitir.errors import UserError
+from circuitir.ir.ablation import ablated
+from circuitir.passes.manager import PipelineState, register
+from circuitir.tasks.evaluate import binary_loss, candidate_logits, encode_examples
+
+
+class HeavisideSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.save_for_backward(logits)
+        return (logits > 0).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        sig = torch.sigmoid(logits)
+        return grad * sig * (1 - sig)
+
+
+@dataclass
+class PruneOptions:
+    target: float = 0.15
+    steps: int = 300
+    lr: float = 0.01
+    sparsity: float = 1e-3      # λ, per kept node
+    prompts: int = 256          # train prompts for learning the mask
+    select: int = 128           # train prompts (another seed) for bisection and greedy
+    batch: int = 64
+    greedy: bool = True
+    calibrate: bool = True
+
+    def validate(self):
+        if not 0 < self.target:
+            raise UserError("pipeline: prune{target} must be positive")
+        if self.steps < 0 or self.prompts < 2 or self.select < 2 or self.batch < 1:
+            raise UserError("pipeline: prune{steps, prompts, select, batch} must be positive")
+
+
+class MaskedLoss:
+    """Task loss of the model with a node mask, on one fixed batch of prompts."""
+
+    def __init__(self, model, fills, batch):
+        self.model, self.fills, self.batch = model, fills, batch
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def pair_logits(self, mask: dict) -> torch.Tensor:
+        self.evaluations += 1
+        with ablated(self.model, mask, self.fills):
+            return candidate_logits(self.model(self.batch.tokens), self.batch)
+
+    def __call__(self, mask: dict) -> float:
+        return float(binary_loss(self.pair_logits(mask)))
+
+
+def node_list(model) -> list[tuple[str, int]]:
+    return [(name, i) for name, site in model.sites().items() for i in range(site.width)]
+
+
+def mask_of(model, nodes) -> dict:
+    mask = {name: torch.zeros(site.width, dtype=torch.bool) for name, site in model.sites().items()}
+    for site, index in nodes:
+        mask[site][index] = True
+    return mask
+
+
+def learn_logits(model, fills, batch, options: PruneOptions, seed: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    sites = model.sites()
+    logits = {name: (0.1 + 0.01 * torch.randn(site.width, generator=generator)).requires_grad_()
+              for name, site in sites.items()}
+    optimizer = torch.optim.AdamW(list(logits.values()), lr=options.lr, weight_decay=0.0)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    bar = tqdm(range(options.steps), desc="prune: learn mask", disable=not progress, unit="step",
+               dynamic_ncols=True, leave=False)
+    n = len(batch.tokens)
+    try:
+        for step in bar:
+            rows = torch.randint(0, n, (min(options.batch, n),), generator=generator)
+            for name, site in sites.items():
+                site.keep = HeavisideSTE.apply(logits[name])
+                site.fill = fills[name]
+            sub = _rows(batch, rows)
+            task_loss = binary_loss(candidate_logits(model(sub.tokens), sub))
+            kept = sum(site.keep.sum() for site in sites.values())
+            loss = task_loss + options.sparsity * kept
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(logits.values()), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                for value in logits.values():
+                    value.clamp_(-1.0, 1.0)
+            bar.set_postfix(task_loss=f"{float(task_loss):.3f}", kept=int(kept))
+    finally:
+        for site in sites.values():
+            site.set_ablation(None)
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return {name: value.detach() for name, value in logits.items()}
+
+
+def _rows(batch, rows):
+    from circuitir.tasks.evaluate import TaskBatch
+    return TaskBatch(batch.tokens[rows], batch.last[rows], batch.correct[rows], batch.alternative[rows],
+                     [batch.prompts[i] for i in rows.tolist()])
+
+
+def bisect(order, loss_of, target: float) -> tuple[int, float]:
+    """Smallest k with loss(top-k) <= target, assuming loss falls as k grows; returns (k, loss)."""
+    lo, hi = 0, len(order)
+    best = loss_of(order[:hi])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        value = loss_of(order[:mid])
+        if value <= target:
+            hi, best = mid, value
+        else:
+            lo = mid + 1
+    return hi, best
+
+
+def greedy_minimise(kept, loss_of, target: float, progress: bool) -> tuple[list, float]:
+    """Drop nodes (least important first) while the target holds, until every node is necessary."""
+    from tqdm import tqdm
+
+    kept = list(kept)
+    current = loss_of(kept)
+    changed = True
+    rounds = 0
+    while changed and kept:
+        changed = False
+        rounds += 1
+        bar = tqdm(list(reversed(kept)), desc=f"prune: minimise (round {rounds})", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for node in bar:
+            trial = [n for n in kept if n != node]
+            value = loss_of(trial)
+            if value <= target:
+                kept, current, changed = trial, value, True
+            bar.set_postfix(kept=len(kept), loss=f"{current:.3f}")
+    return kept, current
+
+
+def fit_scale(pair_logits: torch.Tensor, steps: int = 16) -> float:
+    scale = torch.ones((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([scale], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = binary_loss(pair_logits * scale)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    value = float(scale.detach())
+    return value if value > 0 and torch.isfinite(torch.tensor(value)) else 1.0
+
+
+@register("prune", PruneOptions, needs=("ablation",), provides=("mask",),
+          summary="learn node masks (Heaviside/sigmoid STE), bisect on k, then drop every unnecessary node")
+def prune(state: PipelineState, options: PruneOptions) -> None:
+    loaded, task = state.loaded, state.task
+    model, fills = loaded.model, state.ablation["fills"]
+    block = loaded.config.block_size
+    train_batch = encode_examples(task, task.examples("train", options.prompts, state.seed), loaded.tokenizer, block)
+    select_batch = encode_examples(task, task.examples("train", options.select, state.seed + 1),
+                                   loaded.tokenizer, block)
+    select_loss = MaskedLoss(model, fills, select_batch)
+    nodes = node_list(model)
+    full = select_loss(mask_of(model, nodes))
+    if full > options.target:
+        raise UserError(f"the full model's loss on {task.name} is {full:.4f} nats, above the target "
+                        f"{options.target}; no circuit of it can be expected to reach the target "
+                        f"(raise --target-loss to at least {full:.3f})")
+    torch.manual_seed(state.seed)
+    logits = learn_logits(model, fills, train_batch, options, state.seed, state.progress)
+    rank = {node: i for i, node in enumerate(nodes)}
+    order = sorted(nodes, key=lambda n: (-float(logits[n[0]][n[1]]), rank[n]))
+
+    def loss_of(kept):
+        return select_loss(mask_of(model, kept))
+
+    k, bisect_loss = bisect(order, loss_of, options.target)
+    kept = order[:k]
+    state.metrics["prune"] = {"full_model_loss": full, "bisect_nodes": k, "bisect_loss": bisect_loss,
+                              "learned_kept": int(sum(int((v > 0).sum()) for v in logits.values()))}
+    if options.greedy:
+        kept, final = greedy_minimise(kept, loss_of, options.target, state.progress)
+    else:
+        final = bisect_loss
+    state.metrics["prune"].update({"nodes": len(kept), "selection_loss": final,
+                                   "evaluations": select_loss.evaluations})
+    state.mask = mask_of(model, kept)
+    if options.calibrate:
+        scale = fit_scale(select_loss.pair_logits(state.mask))
+        state.calibration = {"scale": scale, "shift": 0.0}

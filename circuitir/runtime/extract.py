@@ -1,0 +1,83 @@
+"""extract: run a pass pipeline on a model for one task and return the circuit, with its header."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from circuitir.errors import UserError
+from circuitir.passes import DEFAULT_PIPELINE, PipelineState, parse_pipeline, pipeline_text, run_pipeline
+from circuitir.tasks import Task
+
+
+def task_candidates(task: Task, tokenizer, n: int = 64) -> list[int]:
+    """The distinct first tokens of the task's answers: the logits a circuit for it computes."""
+    from circuitir.tasks.evaluate import first_token
+    tokens = set()
+    for example in task.examples("train", n, seed=0):
+        tokens.add(first_token(tokenizer, example.correct))
+        tokens.add(first_token(tokenizer, example.alternative))
+    return sorted(tokens)
+
+
+def build_pipeline(pipeline: str | None, target: float | None, ablation: str | None) -> list:
+    text = pipeline or DEFAULT_PIPELINE
+    calls = parse_pipeline(text)
+    if ablation is not None:
+        if ablation == "resample":
+            raise UserError("resample ablation replaces a channel by its value on another prompt, which is not a "
+                            "constant a circuit file can state; extract with mean or zero and measure resample "
+                            "with `circuitir check`")
+        wanted = {"mean": "mean-ablate", "zero": "zero-ablate"}[ablation]
+        for call in calls:
+            if call.name.endswith("-ablate") and call.name != wanted:
+                if pipeline is not None:
+                    raise UserError(f"--ablation {ablation} contradicts the pipeline's {call.name}")
+        if pipeline is None and wanted != "mean-ablate":
+            calls = parse_pipeline(text.replace("mean-ablate{over=pretrain,tokens=65536}", wanted))
+    if target is not None:
+        for call in calls:
+            if call.name == "prune":
+                call.options.target = float(target)
+                call.options.validate()
+    return calls
+
+
+def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | None = None,
+            ablation: str | None = None, seed: int = 0, progress: bool = True, heldout: int = 256) -> tuple:
+    """Returns (circuit, summary dict). The circuit's header records how to reproduce it."""
+    from circuitir.runtime.evaluate import circuit_task_metrics
+
+    if loaded.tokenizer is None:
+        raise UserError("this model has no tokenizer circuitir can use (byte-level models only without one)")
+    calls = build_pipeline(pipeline, target, ablation)
+    started = time.time()
+    torch.manual_seed(seed)
+    candidates = task_candidates(task, loaded.tokenizer)
+    state = PipelineState(loaded=loaded, task=task, seed=seed, progress=progress, candidates=candidates)
+    run_pipeline(calls, state)
+    circuit = state.circuit
+    prune_call = next((c for c in calls if c.name == "prune"), None)
+    target_loss = prune_call.options.target if prune_call else None
+    circuit.header = {
+        "source": {"sha256": loaded.sha256, "file": str(loaded.path).rsplit("/", 1)[-1],
+                   "tokenizer": loaded.tokenizer.spec},
+        "task": {"name": task.name, "loss": "binary_ce_last_position",
+                 "candidates": " ".join(repr(loaded.tokenizer.token_str(t)) for t in candidates)},
+        "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens")},
+        "norm": "live",
+        "pipeline": pipeline_text(calls),
+        "seed": seed,
+        "calibration": dict(state.calibration),
+    }
+    metrics = circuit_task_metrics(circuit, task, loaded.tokenizer, n=heldout)
+    circuit.header["metrics"] = {
+        "target_loss": target_loss, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
+        "heldout_prompts": metrics["n"], "nodes": circuit.n_nodes, "edges": circuit.n_edges,
+        **{k: v for k, v in state.metrics.get("prune", {}).items() if k != "evaluations"},
+    }
+    circuit.verify()
+    summary = {"task": task.name, "nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": metrics["loss"],
+               "target_loss": target_loss, "seconds": time.time() - started}
+    return circuit, summary
