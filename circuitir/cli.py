@@ -103,6 +103,34 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_fmt(args) -> int:
+    from circuitir.grammar import CirSyntaxError, format_text
+    from circuitir.models.checkpoint import atomic_write_text
+
+    try:
+        text = open(args.file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        formatted = format_text(text, args.file)
+    except CirSyntaxError as exc:
+        # The located report (file:line:col, the line, a caret, what was expected) as compilers print it.
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    if args.check:
+        if formatted != text:
+            print(f"{args.file}: not in canonical form (run `circuitir fmt -i {args.file}`)", file=sys.stderr)
+            return 1
+    elif args.in_place:
+        if formatted != text:
+            mode = os.stat(args.file).st_mode & 0o7777
+            atomic_write_text(args.file, formatted)
+            os.chmod(args.file, mode)  # the temporary file was created 0600
+    else:
+        sys.stdout.write(formatted)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="list the tasks with one example each")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_tasks)
+
+    p = sub.add_parser("fmt", help="print a .cir file in canonical form",
+                       description="Parse a circuit and print it in canonical form (comments kept). A file that "
+                                   "does not parse gets a file:line:col report and exit code 2.")
+    p.add_argument("file", help=".cir file")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="print nothing; exit 1 if the file is not canonical")
+    mode.add_argument("-i", "--in-place", action="store_true", help="rewrite the file (atomically) if it changes")
+    p.set_defaults(run=cmd_fmt)
     return parser
 
 
