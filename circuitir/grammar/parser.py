@@ -34,8 +34,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, Vi
 from circuitir.errors import UserError
 from circuitir.grammar import values as V
 from circuitir.ir.circuit import (
-    LANGUAGE_VERSION, Circuit, CircuitError, Node, NodeData, NormData, check_circuit, parse_node,
-    read_point, site_specs,
+    LANGUAGE_VERSION, Circuit, CircuitError, Node, NodeData, NormData, check_circuit, parse_node, site_specs,
 )
 
 GRAMMAR_PATH = Path(__file__).with_name("circuit.lark")
