@@ -131,6 +131,167 @@ def cmd_fmt(args) -> int:
     return 0
 
 
+def read_circuit(path: str):
+    """Parse a .cir file; a syntax error keeps its file:line:col report."""
+    from circuitir.grammar import parse
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse(text, path)
+
+
+def load(path: str):
+    from circuitir.models.checkpoint import load_model
+
+    loaded = load_model(path)
+    if loaded.tokenizer is None:
+        raise UserError(f"{path} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer; "
+                        "circuitir reads only byte-level models without one")
+    return loaded
+
+
+def cmd_trace(args) -> int:
+    from circuitir.ir.trace import summary
+
+    info = summary(load(args.model).model)
+    if args.json:
+        print_json(info)
+        return 0
+    config = info["config"]
+    print(f"SparseGPT: {info['layers']} layers, d_model {config['d_model']}, {config['n_head']} heads x "
+          f"{config['d_head']}, d_mlp {config['d_mlp']}, vocab {config['vocab_size']}, "
+          f"{info['fx_nodes']} fx nodes")
+    print(f"\n{'site':22s} {'channels':>8s}  read by / written by")
+    for site in info["sites"]:
+        print(f"{site['site']:22s} {site['channels']:8d}  {', '.join(site['read_by']) or '-'} / "
+              f"{', '.join(site['written_by']) or '-'}")
+    print(f"\n{'matrix':40s} {'nonzero':>9s} {'total':>9s} {'density':>8s}")
+    for row in info["matrices"]:
+        print(f"{row['matrix']:40s} {row['nonzero']:9d} {row['total']:9d} {row['density']:8.4f}")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    import dataclasses
+
+    from circuitir.passes import DEFAULT_PIPELINE, REGISTRY
+
+    rows = [{"pass": p.name, "summary": p.summary, "needs": list(p.needs), "provides": list(p.provides),
+             "options": {f.name.replace("_", "-"): {"type": str(f.type), "default": f.default}
+                         for f in dataclasses.fields(p.options)}} for p in REGISTRY.values()]
+    if args.json:
+        print_json({"default_pipeline": DEFAULT_PIPELINE, "passes": rows})
+        return 0
+    print(f"default pipeline: {DEFAULT_PIPELINE}\n")
+    for row in rows:
+        print(f"{row['pass']}: {row['summary']}")
+        for name, option in row["options"].items():
+            print(f"    {name}: {option['type']} = {option['default']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from circuitir.runtime.run import run_prompts
+
+    rows = run_prompts(read_circuit(args.circuit), args.prompt)
+    if args.json:
+        print_json(rows)
+        return 0
+    for row in rows:
+        logits = "  ".join(f"{name!r}: {value:+.4f}" for name, value in row["logits"].items())
+        print(f"{row['prompt']!r}\n    {logits}  ->  {row['prediction']!r}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from circuitir.grammar import emit
+    from circuitir.models.checkpoint import atomic_write_text
+    from circuitir.runtime.extract import extract
+    from circuitir.tasks import get_task
+
+    task = get_task(args.task)
+    loaded = load(args.model)
+    circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
+                               ablation=args.ablation, seed=args.seed, progress=not (args.quiet or args.json))
+    atomic_write_text(args.output, emit(circuit))
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {args.output}: {summary['nodes']} nodes, {summary['edges']} edges, held-out loss "
+              f"{summary['loss']:.4f} (target {summary['target_loss']}) in {summary['seconds']:.0f} s")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from circuitir.runtime.check import check
+
+    circuit = read_circuit(args.circuit)
+    result = check(circuit, load(args.model), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
+                   control=not args.no_control, progress=not (args.quiet or args.json))
+    if args.json:
+        print_json(result)
+    else:
+        print(format_check(result))
+    return 0 if result["passed"] else 1
+
+
+def format_check(result: dict) -> str:
+    mark = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    s, n, m, f = (result[k] for k in ("sufficiency", "necessity", "minimality", "faithfulness"))
+    lines = [f"{'claim':13s} {'result':6s} measured",
+             f"{'sufficiency':13s} {mark(s['passed']):6s} circuit alone: loss {s['loss']:.4f} <= target "
+             f"{s['target_loss']} ? (accuracy {s['accuracy']:.3f}, {s['n']} held-out prompts)",
+             f"{'necessity':13s} {mark(n['passed']):6s} model without the circuit: loss {n['ablated_loss']:.4f} "
+             f">= {n['threshold']:.4f} ? (full model {n['full_model_loss']:.4f}, chance {n['chance_loss']:.4f})",
+             f"{'minimality':13s} {mark(m['passed']):6s} {m['necessary']}/{m['total']} nodes push the loss over "
+             "the target when removed",
+             f"{'faithfulness':13s} {mark(f['passed']):6s} circuit vs ablated model: max |dlogit| "
+             f"{f['max_abs_logit_diff']:.2e}"]
+    for kind, row in f["ablations"].items():
+        lines.append(f"{'':20s} {kind} ablation: loss {row['loss']:.4f}, agreement with model "
+                     f"{row['agreement_with_model']:.3f}")
+    if "control" in f:
+        c = f["control"]
+        detail = (f"found {c['nodes']} nodes (circuit: {c['circuit_nodes']})" if c["reached_target"]
+                  else "cannot reach the target")
+        lines.append(f"{'':20s} random re-initialised control: {detail}")
+    unnecessary = [row for row in m["nodes"] if not row["necessary"]]
+    for row in unnecessary[:10]:
+        lines.append(f"{'':20s} not necessary: {row['node']} (loss without it {row['loss_without']:.4f})")
+    lines.append("all claims hold" if result["passed"] else "some claims FAIL")
+    return "\n".join(lines)
+
+
+def cmd_diff(args) -> int:
+    from circuitir.runtime.diff import behavioural_diff, format_diff, structural_diff
+    from circuitir.tasks import get_task
+
+    a, b = read_circuit(args.a), read_circuit(args.b)
+    diff = structural_diff(a, b, tolerance=args.tolerance, header=not args.ignore_header)
+    behaviour = None
+    if args.model or args.task:
+        if not (args.model and args.task):
+            raise UserError("a behavioural diff needs both --model and --task")
+        loaded = load(args.model)
+        behaviour = behavioural_diff(a, b, get_task(args.task), loaded.tokenizer, n=args.n)
+    differ = not diff.equal or (behaviour is not None and behaviour["predictions_differ"] > 0)
+    if args.json:
+        print_json({"structural": diff.to_dict(), "behavioural": behaviour, "equal": not differ})
+    else:
+        print(format_diff(diff, args.a, args.b))
+        if behaviour is not None:
+            print(f"behaviour on {behaviour['n']} held-out {behaviour['task']} prompts: loss "
+                  f"{behaviour['a']['loss']:.4f} -> {behaviour['b']['loss']:.4f}, accuracy "
+                  f"{behaviour['a']['accuracy']:.3f} -> {behaviour['b']['accuracy']:.3f}, "
+                  f"{behaviour['predictions_differ']} predictions differ")
+            for row in behaviour["examples"]:
+                print(f"  {row['prompt'][-40:]!r}: a {'right' if row['a_correct'] else 'wrong'}, "
+                      f"b {'right' if row['b_correct'] else 'wrong'}")
+    return 1 if differ else 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +345,66 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="print nothing; exit 1 if the file is not canonical")
     mode.add_argument("-i", "--in-place", action="store_true", help="rewrite the file (atomically) if it changes")
     p.set_defaults(run=cmd_fmt)
+
+    p = sub.add_parser("trace", help="trace a model: sites, channel counts, nonzero weights",
+                       description="Trace the model with torch.fx (sites as leaves) and summarise it.")
+    p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_trace)
+
+    p = sub.add_parser("passes", help="list the compiler passes and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_passes)
+
+    p = sub.add_parser("extract", help="extract the minimal circuit for a task (the main job)",
+                       description="Run the pass pipeline (trace, ablate, prune, lower, fold-constants, dce) and "
+                                   "write the circuit as .cir. The file is written only when extraction finishes.")
+    p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
+    p.add_argument("--task", required=True, help="task name or alias (see `circuitir tasks`)")
+    p.add_argument("-o", "--output", required=True, help=".cir file to write")
+    p.add_argument("--target-loss", type=float, help="task loss the circuit must reach [default: 0.15 nats]")
+    p.add_argument("--ablation", choices=["mean", "zero", "resample"],
+                   help="what replaces channels outside the circuit [default: mean over the pretraining corpus]")
+    p.add_argument("--pipeline", help="pass pipeline as text (see `circuitir passes`)")
+    p.add_argument("--seed", type=int, default=0, help="seed (same seed, byte-identical file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print {task, nodes, edges, loss, target_loss, seconds}")
+    p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("check", help="verify a circuit against its model: sufficiency, necessity, minimality, "
+                                     "faithfulness",
+                       description="Prints a table; exits 1 when a claim fails (usable as a CI gate), 2 on bad input.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("model", help="the checkpoint the circuit was extracted from")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts [default: 256]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--necessity-loss", type=float, default=0.5 * 0.6931471805599453,
+                   help="loss the model without the circuit must reach [default: ln(2)/2]")
+    p.add_argument("--no-control", action="store_true", help="skip the random re-initialised model control")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print {sufficiency, necessity, minimality, faithfulness, passed}")
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("run", help="run a circuit on prompts, without the model",
+                       description="Print the candidates' logits at each prompt's last token and which wins.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("prompt", nargs="+", help="prompt text (use $'...' for newlines in bash)")
+    p.add_argument("--json", action="store_true", help="print [{prompt, logits, prediction}]")
+    p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("diff", help="compare two circuits (exit 0 equal, 1 different)",
+                       description="Structural diff (nodes, edges, weights beyond --tolerance, header); with "
+                                   "--model and --task also behavioural (losses, per-prompt predictions).")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--model", help="model for the tokenizer of a behavioural diff")
+    p.add_argument("--task", help="task for a behavioural diff")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts for the behavioural diff")
+    p.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for weights [1e-6]")
+    p.add_argument("--ignore-header", action="store_true", help="compare structure only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_diff)
     return parser
 
 

@@ -213,14 +213,14 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
         ln = blocks[layer].ln_1 if spec.sublayer == "attn" else blocks[layer].ln_2
         if not kept[spec.name]:
             continue
-        data = NormData(rms=ln.rms, eps=float(ln.eps), width=d_model)
+        data = NormData(rms=ln.rms, eps=f32(ln.eps), width=d_model)
         if norm_mode == "frozen":
             data.frozen_scale = f32(frozen_scales[point])
         if norm_mode == "live" or not ln.rms:
             data.passive_sq = running.pow(2).sum(1).to(F32) if norm_mode == "live" else None
             data.passive_sum = running.sum(1).to(F32) if not ln.rms else None
         circuit.norms[point] = data
-    final = NormData(rms=ln_f.rms, eps=float(ln_f.eps), width=d_model)
+    final = NormData(rms=ln_f.rms, eps=f32(ln_f.eps), width=d_model)
     if norm_mode == "frozen":
         final.frozen_scale = f32(frozen_scales["final"])
     circuit.norms["final"] = final

@@ -57,9 +57,14 @@ WRITES = {"q": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
           "k": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
           "v": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
           "post_act": lambda L, sub: [f"transformer.h.{L}.mlp.c_fc.weight"],
-          "resid_delta": lambda L, sub: [f"transformer.h.{L}.{sub}.c_proj.weight"],
-          "act_in": lambda L, sub: ["transformer.wte.weight"],
-          "final_resid": lambda L, sub: ["transformer.wte.weight"]}
+          "resid_delta": lambda L, sub: [f"transformer.h.{L}.{sub}.c_proj.weight"]}
+
+
+def residual_writers(layer: int, sublayer: str) -> list[str]:
+    """Everything written to the residual stream before a read: the embedding and earlier c_proj's."""
+    earlier = [(L, s) for L in range(layer + 1) for s in ("attn", "mlp")
+               if L < layer or (s == "attn" and sublayer == "mlp")]
+    return ["transformer.wte.weight"] + [f"transformer.h.{L}.{s}.c_proj.weight" for L, s in earlier]
 
 
 def trace(model) -> GraphIR:
@@ -76,6 +81,8 @@ def trace(model) -> GraphIR:
             info.readers = READS[spec.kind](spec.layer, sub)
         if spec.kind in WRITES:
             info.writers = WRITES[spec.kind](spec.layer, sub)
+        elif spec.kind in ("act_in", "final_resid"):
+            info.writers = residual_writers(spec.layer, sub)
         sites[spec.name] = info
     nonzeros = {name: (int((p != 0).sum()), p.numel()) for name, p in model.sparse_parameters().items()}
     return GraphIR(graph_module, sites, nonzeros)

@@ -73,6 +73,16 @@ def task_means(loaded, task, tokens: int, seed: int) -> tuple[dict, dict]:
     return means, {"over": "task", "tokens": int(valid.sum())}
 
 
+def declared_means(loaded, header: dict) -> dict:
+    """The means a circuit's header declares (pretraining corpus unless ``over = "task"``)."""
+    from circuitir.tasks import get_task
+    ablation = header.get("ablation", {})
+    tokens, seed = int(ablation.get("tokens", 65536)), int(header.get("seed", 0))
+    if ablation.get("kind") == "mean" and ablation.get("over") == "task":
+        return task_means(loaded, get_task(header["task"]["name"]), tokens, seed)[0]
+    return pretrain_means(loaded, tokens, seed)[0]
+
+
 @dataclass
 class MeanOptions:
     over: str = "pretrain"

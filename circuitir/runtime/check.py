@@ -1,0 +1,193 @@
+"""check: does a circuit do what its header claims, on the model it came from? (DESIGN §5)
+
+* sufficiency: the circuit alone (compiled, no model) reaches the target loss
+  on held-out prompts the extraction never saw;
+* necessity: the full model with only the circuit's nodes ablated loses the
+  task (loss at least ``necessity_loss``, by default half of chance, ln 2 / 2);
+* minimality: removing any single node pushes the held-out loss over the
+  target (reported per node);
+* faithfulness: the compiled circuit equals the ablated model (max |Δlogit|
+  ≤ 1e-4); the circuit's node set is measured under every ablation type (mean,
+  zero, resample), as agreement with the full model's predictions; and a
+  control: the same extraction on a re-initialised model of the same shape and
+  sparsity must not reach the target with as few nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from circuitir.errors import UserError
+from circuitir.ir.ablation import ablated, fills_for, record_sites
+from circuitir.ir.circuit import Circuit
+from circuitir.runtime.compile import compile_circuit
+from circuitir.runtime.evaluate import pair_logits_from_candidates
+from circuitir.tasks import get_task
+from circuitir.tasks.evaluate import accuracy, binary_loss, candidate_logits, encode_examples
+
+CHANCE = math.log(2)
+
+
+def circuit_mask(circuit: Circuit, model) -> dict[str, torch.Tensor]:
+    mask = {name: torch.zeros(site.width, dtype=torch.bool) for name, site in model.sites().items()}
+    for node in circuit.kept_nodes():
+        mask[node.site][node.index] = True
+    return mask
+
+
+def complement(mask: dict) -> dict:
+    return {name: ~m for name, m in mask.items()}
+
+
+@contextmanager
+def resampled(model, keep: dict, tokens: torch.Tensor):
+    """Ablate by resampling: each prompt's ablated channels take another prompt's values (same position)."""
+    donors = torch.roll(tokens, shifts=1, dims=0)
+    recorded = record_sites(model, donors)
+    sites = model.sites()
+    try:
+        for name, site in sites.items():
+            site.keep = keep[name]
+            site.fill = recorded[name].view(*tokens.shape, site.width)
+        yield model
+    finally:
+        for site in sites.values():
+            site.set_ablation(None)
+
+
+def check_source(circuit: Circuit, loaded) -> None:
+    recorded = circuit.header.get("source", {}).get("sha256")
+    if recorded is None:
+        raise UserError("the circuit's header has no source.sha256, so it cannot be checked against a model")
+    if recorded != loaded.sha256:
+        raise UserError(f"this circuit was extracted from another model (source.sha256 {recorded[:12]}..., "
+                        f"{loaded.path} is {loaded.sha256[:12]}...); check it against the model it came from")
+
+
+class Checker:
+    def __init__(self, circuit: Circuit, loaded, n: int = 256, seed: int = 0, means: dict | None = None):
+        check_source(circuit, loaded)
+        self.circuit, self.loaded = circuit, loaded
+        self.model = loaded.model
+        task_name = circuit.header.get("task", {}).get("name")
+        if task_name is None:
+            raise UserError("the circuit's header names no task (task.name)")
+        self.task = get_task(task_name)
+        self.ablation = circuit.header.get("ablation", {}).get("kind", "mean")
+        self.target = circuit.header.get("metrics", {}).get("target_loss")
+        if self.target is None:
+            raise UserError("the circuit's header has no metrics.target_loss to check against")
+        self.scale = float(circuit.header.get("calibration", {}).get("scale", 1.0))
+        self.batch = encode_examples(self.task, self.task.examples("heldout", n, seed), loaded.tokenizer,
+                                     loaded.config.block_size)
+        self.mask = circuit_mask(circuit, self.model)
+        self.means = means
+
+    @torch.no_grad()
+    def model_pairs(self, keep: dict | None, kind: str) -> torch.Tensor:
+        model, batch = self.model, self.batch
+        if keep is None:
+            return candidate_logits(model(batch.tokens), batch)
+        if kind == "resample":
+            with resampled(model, keep, batch.tokens):
+                return candidate_logits(model(batch.tokens), batch)
+        with ablated(model, keep, fills_for(model, kind, self.means)):
+            return candidate_logits(model(batch.tokens), batch)
+
+    def loss(self, pairs: torch.Tensor) -> float:
+        return float(binary_loss(pairs * self.scale))
+
+    def sufficiency(self) -> dict:
+        module = compile_circuit(self.circuit)
+        with torch.no_grad():
+            self.circuit_logits = module(self.batch.tokens)
+        pairs = pair_logits_from_candidates(self.circuit_logits, self.batch, self.circuit.candidates)
+        loss = float(binary_loss(pairs))
+        return {"loss": loss, "target_loss": self.target, "accuracy": accuracy(pairs), "n": len(pairs),
+                "passed": loss <= self.target}
+
+    def necessity(self, threshold: float) -> dict:
+        full = self.model_pairs(None, self.ablation)
+        knocked = self.model_pairs(complement(self.mask), self.ablation)
+        loss = float(binary_loss(knocked))
+        return {"full_model_loss": float(binary_loss(full)), "ablated_loss": loss, "chance_loss": CHANCE,
+                "accuracy": accuracy(knocked), "threshold": threshold, "passed": loss >= threshold}
+
+    def minimality(self, progress: bool) -> dict:
+        from tqdm import tqdm
+        rows = []
+        for node in tqdm(self.circuit.kept_nodes(), desc="check: minimality", disable=not progress, leave=False):
+            keep = {name: m.clone() for name, m in self.mask.items()}
+            keep[node.site][node.index] = False
+            loss = self.loss(self.model_pairs(keep, self.ablation))
+            rows.append({"node": str(node), "loss_without": loss, "necessary": loss > self.target})
+        necessary = sum(r["necessary"] for r in rows)
+        return {"nodes": rows, "necessary": necessary, "total": len(rows),
+                "passed": necessary == len(rows)}
+
+    def faithfulness(self) -> dict:
+        masked = self.model_pairs(self.mask, self.ablation) * self.scale
+        if not hasattr(self, "circuit_logits"):
+            self.sufficiency()
+        circuit_pairs = pair_logits_from_candidates(self.circuit_logits, self.batch, self.circuit.candidates)
+        max_diff = float((circuit_pairs - masked).abs().max())
+        full = self.model_pairs(None, self.ablation)
+        full_prediction = full[:, 0] > full[:, 1]
+        by_ablation = {}
+        for kind in ("mean", "zero", "resample"):
+            if kind == "mean" and self.means is None and self.ablation != "mean":
+                continue
+            pairs = self.model_pairs(self.mask, kind) * self.scale
+            agreement = float(((pairs[:, 0] > pairs[:, 1]) == full_prediction).float().mean())
+            by_ablation[kind] = {"loss": float(binary_loss(pairs)), "accuracy": accuracy(pairs),
+                                 "agreement_with_model": agreement}
+        exact = max_diff <= 1e-4
+        return {"max_abs_logit_diff": max_diff, "exact": exact, "ablations": by_ablation,
+                "declared_ablation": self.ablation, "passed": exact}
+
+
+def random_control(loaded, circuit: Circuit, pipeline: str, seed: int, progress: bool) -> dict:
+    """Run the same extraction on a re-initialised model of the same shape and per-matrix density."""
+    from circuitir.models.checkpoint import LoadedModel
+    from circuitir.models.gpt import SparseGPT
+    from circuitir.models.sparsity import project_
+    from circuitir.runtime.extract import extract
+
+    model = SparseGPT(loaded.config)
+    model.reset_parameters(torch.Generator().manual_seed(seed + 12345))
+    with torch.no_grad():
+        for name, param in model.sparse_parameters().items():
+            density = float((loaded.model.sparse_parameters()[name] != 0).float().mean())
+            project_(param.data, density)
+    model.eval()
+    import hashlib
+    identity = hashlib.sha256(f"random-reinit:{loaded.sha256}:{seed}".encode()).hexdigest()
+    control = LoadedModel(model, loaded.tokenizer, identity, "random-reinit", dict(loaded.meta))
+    task = get_task(circuit.header["task"]["name"])
+    try:
+        found, _ = extract(control, task, pipeline=pipeline, seed=seed, progress=progress)
+    except UserError as exc:  # the random model cannot reach the target at all
+        return {"reached_target": False, "reason": str(exc), "passed": True}
+    smaller = found.n_nodes <= circuit.n_nodes
+    return {"reached_target": True, "nodes": found.n_nodes, "edges": found.n_edges,
+            "circuit_nodes": circuit.n_nodes, "passed": not smaller}
+
+
+def check(circuit: Circuit, loaded, *, n: int = 256, seed: int = 0, necessity_loss: float = CHANCE / 2,
+          control: bool = True, progress: bool = True) -> dict:
+    from circuitir.passes.ablate import declared_means
+    check_source(circuit, loaded)
+    means = declared_means(loaded, circuit.header)  # also the "mean" column when another ablation was declared
+    checker = Checker(circuit, loaded, n=n, seed=seed, means=means)
+    result = {"sufficiency": checker.sufficiency(), "necessity": checker.necessity(necessity_loss),
+              "minimality": checker.minimality(progress), "faithfulness": checker.faithfulness()}
+    if control:
+        pipeline = circuit.header.get("pipeline")
+        result["faithfulness"]["control"] = random_control(loaded, circuit, pipeline, seed, progress)
+        result["faithfulness"]["passed"] = (result["faithfulness"]["passed"]
+                                            and result["faithfulness"]["control"]["passed"])
+    result["passed"] = all(result[k]["passed"] for k in ("sufficiency", "necessity", "minimality", "faithfulness"))
+    return result
