@@ -292,6 +292,20 @@ def cmd_diff(args) -> int:
     return 1 if differ else 0
 
 
+def cmd_render(args) -> int:
+    from circuitir.render.graphviz import render
+
+    circuit = read_circuit(args.circuit)
+    title = args.title
+    if title is None:
+        task = circuit.header.get("task", {})
+        title = f"{task.get('name', '') if isinstance(task, dict) else task}: {circuit.n_nodes} nodes, " \
+                f"{circuit.n_edges} edges"
+    render(circuit, args.output, title)
+    print(f"wrote {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-header", action="store_true", help="compare structure only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("-o", "--output", required=True, help="output file: .dot, .gv, .pdf, .svg or .png")
+    p.add_argument("--title", help="graph title [default: task, nodes and edges]")
+    p.set_defaults(run=cmd_render)
     return parser
 
 

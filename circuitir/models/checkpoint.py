@@ -164,3 +164,21 @@ def save_checkpoint(path: str | Path, model: SparseGPT, tokenizer, **meta) -> st
     with atomic_path(path) as temp:
         torch.save(payload, temp)
     return file_sha256(path)
+
+
+def strip_for_release(source: str | Path, target: str | Path) -> str:
+    """Copy a checkpoint without its optimiser state (a third of the size; it can no longer resume)."""
+    raw = _torch_load(Path(source))
+    if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
+        raise UserError(f"{source} is not a circuitir checkpoint")
+    raw.pop("optimizer", None)
+    with atomic_path(target) as temp:
+        torch.save(raw, temp)
+    return file_sha256(target)
+
+
+if __name__ == "__main__":  # python -m circuitir.models.checkpoint strip IN OUT
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "strip":
+        sys.exit("usage: python -m circuitir.models.checkpoint strip IN.pt OUT.pt")
+    print(strip_for_release(sys.argv[2], sys.argv[3]))
