@@ -72,10 +72,13 @@ def run_one(loaded, task, label: str, pipeline: str | None, target: float) -> tu
     record = {"nodes": summary["nodes"], "edges": summary["edges"], "loss": summary["loss"],
               "accuracy": metrics.get("accuracy"), "met_target": summary["loss"] <= target,
               "seconds": summary["seconds"], "full_model_loss": metrics.get("full_model_loss"),
+              "selection_loss": metrics.get("selection_loss"), "calibration_scale": circuit.header.get(
+                  "calibration", {}).get("scale"),
               "bisect_nodes_before_dce": metrics.get("bisect_nodes")}
     say(f"  {label:12s} {task.name}: {record['nodes']} nodes, {record['edges']} edges, held-out loss "
         f"{record['loss']:.4f} ({'meets' if record['met_target'] else 'MISSES'} target {target}), "
-        f"accuracy {record['accuracy']:.3f}, {record['seconds']:.0f} s")
+        f"accuracy {record['accuracy']:.3f}, {record['seconds']:.0f} s; selection-set loss before calibration "
+        f"{fmt(record['selection_loss'], '.4f')} (calibration scale {fmt(record['calibration_scale'], '.4g')})")
     return record, emit(circuit)
 
 
