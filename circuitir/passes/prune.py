@@ -11,8 +11,12 @@ The paper's procedure, then one step more:
 3. *Minimise* (greedy): try dropping each kept node, least important first,
    and keep the drop when the target still holds; repeat until no node can
    go, so every node left is necessary on the selection set.
-4. *Calibrate*: fit a scalar scale of the candidate logits (LBFGS); a common
-   shift cannot change a binary loss, so the recorded shift stays 0.
+4. *Calibrate* (``calibrate=true``, off by default): fit a scalar scale of the
+   candidate logits (LBFGS, bounded to [1/8, 8]) *inside* steps 2 and 3, so the
+   circuit is minimal for the calibrated loss it reports. The paper fits scale
+   and shift only after pruning; doing that lets a circuit pruned to the target
+   uncalibrated report a far lower loss, and then almost none of its nodes are
+   necessary. A common shift cannot change a binary loss, so the shift stays 0.
 
 Selection uses train-split prompts (another seed), never the held-out split,
 so ``check`` measures sufficiency on prompts the search never saw.
@@ -20,6 +24,7 @@ so ``check`` measures sufficiency on prompts the search never saw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +58,7 @@ class PruneOptions:
     select: int = 128           # train prompts (another seed) for bisection and greedy
     batch: int = 64
     greedy: bool = True
-    calibrate: bool = True
+    calibrate: bool = False    # fit a logit scale inside the search (see module docstring)
 
     def validate(self):
         if not 0 < self.target:
@@ -65,8 +70,8 @@ class PruneOptions:
 class MaskedLoss:
     """Task loss of the model with a node mask, on one fixed batch of prompts."""
 
-    def __init__(self, model, fills, batch):
-        self.model, self.fills, self.batch = model, fills, batch
+    def __init__(self, model, fills, batch, calibrate: bool = False):
+        self.model, self.fills, self.batch, self.calibrate = model, fills, batch, calibrate
         self.evaluations = 0
 
     @torch.no_grad()
@@ -76,7 +81,9 @@ class MaskedLoss:
             return candidate_logits(self.model(self.batch.tokens), self.batch)
 
     def __call__(self, mask: dict) -> float:
-        return float(binary_loss(self.pair_logits(mask)))
+        pairs = self.pair_logits(mask)
+        scale = fit_scale(pairs) if self.calibrate else 1.0
+        return float(binary_loss(pairs * scale))
 
 
 def node_list(model) -> list[tuple[str, int]]:
@@ -171,7 +178,11 @@ def greedy_minimise(kept, loss_of, target: float, progress: bool) -> tuple[list,
     return kept, current
 
 
+MAX_SCALE = 8.0
+
+
 def fit_scale(pair_logits: torch.Tensor, steps: int = 16) -> float:
+    """The scalar s in [1/8, 8] minimising the binary loss of s * logits (LBFGS)."""
     scale = torch.ones((), requires_grad=True)
     optimizer = torch.optim.LBFGS([scale], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -183,7 +194,11 @@ def fit_scale(pair_logits: torch.Tensor, steps: int = 16) -> float:
 
     optimizer.step(closure)
     value = float(scale.detach())
-    return value if value > 0 and torch.isfinite(torch.tensor(value)) else 1.0
+    if not math.isfinite(value):
+        return 1.0
+    # Bounded: on prompts the circuit separates perfectly the best scale is infinite, and a huge
+    # scale would make "loss <= target" mean only "right on every selection prompt".
+    return float(min(MAX_SCALE, max(1.0 / MAX_SCALE, value)))
 
 
 @register("prune", PruneOptions, needs=("ablation",), provides=("mask",),
@@ -195,7 +210,7 @@ def prune(state: PipelineState, options: PruneOptions) -> None:
     train_batch = encode_examples(task, task.examples("train", options.prompts, state.seed), loaded.tokenizer, block)
     select_batch = encode_examples(task, task.examples("train", options.select, state.seed + 1),
                                    loaded.tokenizer, block)
-    select_loss = MaskedLoss(model, fills, select_batch)
+    select_loss = MaskedLoss(model, fills, select_batch, options.calibrate)
     nodes = node_list(model)
     full = select_loss(mask_of(model, nodes))
     if full > options.target:

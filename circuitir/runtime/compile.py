@@ -135,9 +135,16 @@ class CircuitModule(nn.Module):
                     head_pos = {h: i for i, h in enumerate(heads)}
                     v_used = [c for c in self.live[f"{prefix}.v"] if c // self.d_head in head_pos]
                     v_live = {c: i for i, c in enumerate(self.live[f"{prefix}.v"])}
-                    self._buffer(f"{_key(prefix)}_vidx", torch.tensor([v_live[c] for c in v_used], dtype=torch.long))
-                    self._buffer(f"{_key(prefix)}_vhead", torch.tensor([head_pos[c // self.d_head] for c in v_used],
-                                                                         dtype=torch.long))
+                    # Value channels per head, padded to the widest head with an index to a zero column,
+                    # so one (T x T) @ (T x C) product per head serves all its channels.
+                    per_head = [[c for c in v_used if c // self.d_head == h] for h in heads]
+                    width_v = max([len(cs) for cs in per_head] + [1])
+                    pad = len(self.live[f"{prefix}.v"])
+                    self._buffer(f"{_key(prefix)}_vpad", torch.tensor(
+                        [[v_live[c] for c in cs] + [pad] * (width_v - len(cs)) for cs in per_head],
+                        dtype=torch.long).reshape(len(heads), width_v))
+                    flat = {c: i * width_v + j for i, cs in enumerate(per_head) for j, c in enumerate(cs)}
+                    self._buffer(f"{_key(prefix)}_zidx", torch.tensor([flat[c] for c in v_used], dtype=torch.long))
                     sinks = [circuit.heads[(layer, h)] for h in heads]
                     entry["sink"] = bool(sinks) and sinks[0] is not None
                     self._buffer(f"{_key(prefix)}_sink", torch.tensor(
@@ -230,8 +237,9 @@ class CircuitModule(nn.Module):
                     pattern = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:]
                 else:
                     pattern = torch.softmax(scores, dim=-1)
-                v_used = v[..., self.buf(prefix, "vidx")].transpose(1, 2).unsqueeze(-1)  # (B, C, T, 1)
-                z = (pattern[:, self.buf(prefix, "vhead")] @ v_used).squeeze(-1).transpose(1, 2)  # (B, T, C)
+                v_padded = torch.cat([v, zero * 0], dim=-1)[..., self.buf(prefix, "vpad")]  # (B, T, H, C)
+                z = (pattern @ v_padded.transpose(1, 2)).transpose(1, 2).flatten(-2)  # (B, T, H*C)
+                z = z[..., self.buf(prefix, "zidx")]  # (B, T, used v channels)
                 delta = write_site(z @ self.buf(prefix, "wo").T + self.buf(prefix, "bo"), zero)
             else:
                 hidden = self.act(x @ self.buf(prefix, "wfc").T + self.buf(prefix, "bfc"))
