@@ -128,14 +128,20 @@ def test_empty_and_full_masks(keep_fraction, norm):
         assert circuit.n_nodes > 0.5 * sum(site.width for site in model.sites().values())
 
 
-def test_dead_code_is_dropped_without_changing_logits():
-    """A kept node with no path to the logits is dropped by from_mask, and the logits do not move."""
-    config = GPTConfig(n_layer=1, n_head=1, d_head=2, d_model=4, d_mlp=4, vocab_size=VOCAB, block_size=8)
-    model = SparseGPT(config)
+def zero_model() -> SparseGPT:
+    """A 1-layer model (d_model 4, d_mlp 4, one head of 2) with every trainable weight zero: set a few by hand."""
+    model = SparseGPT(GPTConfig(n_layer=1, n_head=1, d_head=2, d_model=4, d_mlp=4, vocab_size=VOCAB, block_size=8))
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
                 param.zero_()
+    return model
+
+
+def test_dead_code_is_dropped_without_changing_logits():
+    """A kept node with no path to the logits is dropped by from_mask, and the logits do not move."""
+    model = zero_model()
+    with torch.no_grad():
         model.transformer.ln_f.weight.fill_(1.0)
         model.lm_head.weight[:, 0] = torch.arange(VOCAB, dtype=torch.float32)  # logits read channel 0 only
         model.transformer.wte.weight[:, 0] = 1.0

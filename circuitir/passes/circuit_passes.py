@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from circuitir.ir.circuit import Circuit, Node, site_specs
+from circuitir.ir.circuit import Circuit, Node, NodeData, site_specs
 from circuitir.passes.manager import PipelineState, register
 
 
@@ -56,20 +56,36 @@ def fold_pass(state: PipelineState, options: NoOptions) -> None:
     fold_constants(state.circuit)
 
 
-def eliminate_dead_code(circuit: Circuit) -> Circuit:
-    """Drop nodes (and heads, and norms) with no path to the logits."""
+def eliminate_dead_code(circuit: Circuit, fills: dict | None = None) -> Circuit:
+    """Drop nodes (and heads, and norms) with no path to the logits.
+
+    A head that still matters keeps its whole query and key (a circuit invariant), even channels
+    with no path of their own (a query channel kept alive by a top-k over the query site, say, while
+    the head's keys feed nothing that reaches the logits). A computed channel among those becomes
+    the constant it is when ablated, ``fills[site][index]``; any value would give the same logits.
+    """
     graph = circuit.graph()
     reaching = set()
     for k in range(len(circuit.candidates)):
         reaching |= nx.ancestors(graph, Node("logits", k)) | {Node("logits", k)}
+    d_head = circuit.config["d_head"]
+    for (layer, head) in list(circuit.heads):
+        parts = [Node(f"{layer}.attn.{part}", c) for part in ("q", "k")
+                 for c in range(head * d_head, (head + 1) * d_head)]
+        if not any(node in reaching for node in parts):
+            del circuit.heads[(layer, head)]
+            continue
+        for node in parts:
+            if node not in reaching and node in circuit.nodes:
+                if circuit.nodes[node].kind == "kept":
+                    value = 0.0 if fills is None else _f32(float(fills[node.site][node.index]))
+                    circuit.nodes[node] = NodeData("const", value=value)
+                reaching.add(node)
     dead = [n for n in circuit.nodes if n not in reaching]
     for node in dead:
         del circuit.nodes[node]
-    circuit.edges = {(s, d): w for (s, d), w in circuit.edges.items() if s in circuit.nodes and d in circuit.nodes}
-    d_head = circuit.config["d_head"]
-    for (layer, head) in list(circuit.heads):
-        if Node(f"{layer}.attn.q", head * d_head) not in circuit.nodes:
-            del circuit.heads[(layer, head)]
+    circuit.edges = {(s, d): w for (s, d), w in circuit.edges.items()
+                     if s in circuit.nodes and d in circuit.nodes and circuit.nodes[d].kind != "const"}
     for point in [p for p in circuit.norms if p != "final"]:
         if not any(n.site == f"{point}.act_in" and d.kind == "kept" for n, d in circuit.nodes.items()):
             del circuit.norms[point]
@@ -79,4 +95,4 @@ def eliminate_dead_code(circuit: Circuit) -> Circuit:
 @register("dce", NoOptions, needs=("circuit",), provides=("circuit",),
           summary="drop nodes and edges with no path to the output (networkx)")
 def dce_pass(state: PipelineState, options: NoOptions) -> None:
-    eliminate_dead_code(state.circuit)
+    eliminate_dead_code(state.circuit, state.ablation["fills"] if state.ablation else None)

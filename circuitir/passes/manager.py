@@ -120,6 +120,8 @@ def parse_pipeline(text: str) -> list[PassCall]:
             if key not in fields:
                 known = ", ".join(fields) or "none"
                 raise UserError(f"pipeline: pass {name} has no option {key!r} (options: {known})")
+            if fields[key].name in values:
+                raise UserError(f"pipeline: {name}{{{key}}} is given twice")
             values[fields[key].name] = _convert(name, fields[key], raw)
         try:
             options = spec.options(**values)

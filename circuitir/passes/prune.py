@@ -127,7 +127,7 @@ def learn_logits(model, fills, batch, options: PruneOptions, seed: int, progress
             with torch.no_grad():
                 for value in logits.values():
                     value.clamp_(-1.0, 1.0)
-            bar.set_postfix(task_loss=f"{float(task_loss):.3f}", kept=int(kept))
+            bar.set_postfix(task_loss=f"{float(task_loss.detach()):.3f}", kept=int(kept.detach()))
     finally:
         for site in sites.values():
             site.set_ablation(None)
