@@ -81,6 +81,7 @@ class Checker:
         if self.target is None:
             raise UserError("the circuit's header has no metrics.target_loss to check against")
         self.scale = float(circuit.header.get("calibration", {}).get("scale", 1.0))
+        self.shift = float(circuit.header.get("calibration", {}).get("shift", 0.0))
         self.batch = encode_examples(self.task, self.task.examples("heldout", n, seed), loaded.tokenizer,
                                      loaded.config.block_size)
         self.mask = circuit_mask(circuit, self.model)
@@ -129,10 +130,17 @@ class Checker:
                 "passed": necessary == len(rows)}
 
     def faithfulness(self) -> dict:
-        masked = self.model_pairs(self.mask, self.ablation) * self.scale
+        masked = self.model_pairs(self.mask, self.ablation)
         if not hasattr(self, "circuit_logits"):
             self.sufficiency()
         circuit_pairs = pair_logits_from_candidates(self.circuit_logits, self.batch, self.circuit.candidates)
+        # Compared before the logit calibration (which the compiled circuit applies): the claim is that
+        # the circuit computes what the ablated model computes; a fitted scale of, say, 80 would
+        # otherwise turn float32 rounding into a failure.
+        if self.scale != 0:
+            circuit_pairs = (circuit_pairs - self.shift) / self.scale
+        else:
+            masked = masked * self.scale + self.shift
         max_diff = float((circuit_pairs - masked).abs().max())
         full = self.model_pairs(None, self.ablation)
         full_prediction = full[:, 0] > full[:, 1]

@@ -7,6 +7,7 @@ import time
 import torch
 
 from circuitir.errors import UserError
+from circuitir.ir.circuit import CircuitError
 from circuitir.passes import DEFAULT_PIPELINE, PipelineState, parse_pipeline, pipeline_text, run_pipeline
 from circuitir.tasks import Task
 
@@ -19,6 +20,18 @@ def task_candidates(task: Task, tokenizer, n: int = 64) -> list[int]:
         tokens.add(first_token(tokenizer, example.correct))
         tokens.add(first_token(tokenizer, example.alternative))
     return sorted(tokens)
+
+
+def check_expressible(task: Task, loaded, n: int = 64) -> None:
+    """Refuse a task whose prompts or answers use tokens outside the model's vocabulary."""
+    vocab = loaded.config.vocab_size
+    for example in task.examples("train", n, seed=0):
+        for text in (example.prompt, example.correct, example.alternative):
+            outside = [t for t in loaded.tokenizer.encode(text) if not 0 <= t < vocab]
+            if outside:
+                raise UserError(f"task {task.name} needs token {outside[0]} "
+                                f"({loaded.tokenizer.token_str(outside[0])!r}), outside this model's vocabulary "
+                                f"of {vocab} tokens; its tokenizer cannot express the task for this model")
 
 
 def build_pipeline(pipeline: str | None, target: float | None, ablation: str | None) -> list:
@@ -52,6 +65,7 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
     if loaded.tokenizer is None:
         raise UserError("this model has no tokenizer circuitir can use (byte-level models only without one)")
     calls = build_pipeline(pipeline, target, ablation)
+    check_expressible(task, loaded)
     started = time.time()
     torch.manual_seed(seed)
     candidates = task_candidates(task, loaded.tokenizer)
@@ -71,13 +85,17 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
         "seed": seed,
         "calibration": dict(state.calibration),
     }
+    try:
+        circuit.verify()
+    except CircuitError as exc:
+        raise UserError(f"the pipeline {circuit.header['pipeline']!r} leaves an invalid circuit: {exc} "
+                        "(end the pipeline with dce, which drops nodes with no path to the output)") from None
     metrics = circuit_task_metrics(circuit, task, loaded.tokenizer, n=heldout)
     circuit.header["metrics"] = {
         "target_loss": target_loss, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
         "heldout_prompts": metrics["n"], "nodes": circuit.n_nodes, "edges": circuit.n_edges,
         **{k: v for k, v in state.metrics.get("prune", {}).items() if k != "evaluations"},
     }
-    circuit.verify()
     summary = {"task": task.name, "nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": metrics["loss"],
                "target_loss": target_loss, "seconds": time.time() - started}
     return circuit, summary

@@ -19,7 +19,8 @@ def circuit_tokenizer(circuit: Circuit):
     return tokenizer_from_spec(spec)
 
 
-def encode_prompts(prompts: list[str], tokenizer, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(prompts: list[str], tokenizer, block_size: int,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (N, T) and each prompt's last index (N,)."""
     if not prompts:
         raise UserError("no prompts given")
@@ -30,6 +31,10 @@ def encode_prompts(prompts: list[str], tokenizer, block_size: int) -> tuple[torc
         if len(row) > block_size:
             raise UserError(f"prompt {prompt[:30]!r}... is {len(row)} tokens, longer than the model's context "
                             f"of {block_size}; shorten it")
+        outside = [t for t in row if vocab_size is not None and not 0 <= t < vocab_size]
+        if outside:
+            raise UserError(f"prompt {prompt[:30]!r} has token {outside[0]} ({tokenizer.token_str(outside[0])!r}), "
+                            f"outside the circuit's vocabulary of {vocab_size} tokens")
     tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = torch.tensor(row)
@@ -39,7 +44,7 @@ def encode_prompts(prompts: list[str], tokenizer, block_size: int) -> tuple[torc
 @torch.no_grad()
 def run_prompts(circuit: Circuit, prompts: list[str], module=None) -> list[dict]:
     tokenizer = circuit_tokenizer(circuit)
-    tokens, last = encode_prompts(prompts, tokenizer, circuit.config["block_size"])
+    tokens, last = encode_prompts(prompts, tokenizer, circuit.config["block_size"], circuit.config["vocab_size"])
     module = module or compile_circuit(circuit)
     logits = module(tokens)[torch.arange(len(prompts)), last]  # (N, K)
     names = [tokenizer.token_str(t) for t in circuit.candidates]
