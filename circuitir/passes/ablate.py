@@ -80,7 +80,13 @@ def declared_means(loaded, header: dict) -> dict:
     tokens, seed = int(ablation.get("tokens", 65536)), int(header.get("seed", 0))
     if ablation.get("kind") == "mean" and ablation.get("over") == "task":
         return task_means(loaded, get_task(header["task"]["name"]), tokens, seed)[0]
-    return pretrain_means(loaded, tokens, seed)[0]
+    means, info = pretrain_means(loaded, tokens, seed)
+    declared = ablation.get("corpus_sha256")
+    if ablation.get("kind") == "mean" and declared and declared != info["corpus_sha256"]:
+        raise UserError(f"the circuit's means were measured over corpus {declared[:12]}..., but this machine's "
+                        f"corpus is {info['corpus_sha256'][:12]}... (another Python standard library?); "
+                        "check it where the corpus is the same")
+    return means
 
 
 @dataclass

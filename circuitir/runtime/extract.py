@@ -79,7 +79,7 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
                    "tokenizer": loaded.tokenizer.spec},
         "task": {"name": task.name, "loss": "binary_ce_last_position",
                  "candidates": " ".join(repr(loaded.tokenizer.token_str(t)) for t in candidates)},
-        "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens")},
+        "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens", "corpus_sha256")},
         "norm": "live",
         "pipeline": pipeline_text(calls),
         "seed": seed,
