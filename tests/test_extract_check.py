@@ -121,7 +121,8 @@ def test_the_file_records_where_the_circuit_came_from(extracted, setup):
                                 "tokenizer": {"kind": "bytes"}}
     assert header["task"]["name"] == TASK and header["task"]["loss"] == "binary_ce_last_position"
     assert circuit.candidates == sorted([ord(")"), ord("]")])
-    assert header["ablation"] == {"kind": "mean", "over": "pretrain", "tokens": 4096}
+    corpus = setup["loaded"].meta["corpus"]["sha256"]  # the means' corpus: the one the model trained on
+    assert header["ablation"] == {"kind": "mean", "over": "pretrain", "tokens": 4096, "corpus_sha256": corpus}
     assert header["pipeline"] == pipeline_text(parse_pipeline(setup["pipeline"])) == setup["pipeline"]
     assert header["seed"] == SEED and header["norm"] == "live"
     assert header["metrics"]["target_loss"] == setup["target"]
@@ -230,6 +231,15 @@ def test_check_refuses_a_circuit_from_another_model(extracted, setup, tmp_path):
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("circuitir check: error: ")
     assert "extracted from another model" in err and "000000000000..." in err
+
+
+def test_check_refuses_means_over_another_corpus(extracted, setup, tmp_path):
+    corpus = extracted[2].header["ablation"]["corpus_sha256"]
+    edited = tmp_path / "edited.cir"
+    edited.write_text(extracted[0].read_text().replace(corpus, "f" * 64))
+    code, out, err = cli("check", edited, setup["model"], "--no-control")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "means were measured over corpus ffffffffffff..." in err
 
 
 # ---------------------------------------------------------------- run
