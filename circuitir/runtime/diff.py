@@ -125,6 +125,12 @@ def structural_diff(a: Circuit, b: Circuit, tolerance: float = 1e-6, header: boo
     return out
 
 
+def _weight(x) -> str:
+    """A weight or node attribute as the .cir file spells it (shortest float32 decimal)."""
+    from circuitir.grammar.values import format_f32, is_float32
+    return format_f32(x) if isinstance(x, float) and is_float32(x) else repr(x)
+
+
 def format_diff(diff: CircuitDiff, name_a: str, name_b: str) -> str:
     lines = [f"--- {name_a}", f"+++ {name_b}"]
 
@@ -139,11 +145,11 @@ def format_diff(diff: CircuitDiff, name_a: str, name_b: str) -> str:
     if diff.candidates:
         section("candidates", [f"~ {diff.candidates[0]} -> {diff.candidates[1]}"])
     section("nodes", [f"+ {n}" for n in diff.nodes_added] + [f"- {n}" for n in diff.nodes_removed] +
-            [f"~ {n} {at}: {a!r} -> {b!r}" for n, at, a, b in diff.nodes_changed])
+            [f"~ {n} {at}: {_weight(a)} -> {_weight(b)}" for n, at, a, b in diff.nodes_changed])
     section("heads", [f"+ {h}" for h in diff.heads_added] + [f"- {h}" for h in diff.heads_removed])
-    section("edges", [f"+ {s} -> {d}  {w!r}" for s, d, w in diff.edges_added] +
-            [f"- {s} -> {d}  {w!r}" for s, d, w in diff.edges_removed] +
-            [f"~ {s} -> {d}: {a!r} -> {b!r}" for s, d, a, b in diff.edges_changed])
+    section("edges", [f"+ {s} -> {d}  {_weight(w)}" for s, d, w in diff.edges_added] +
+            [f"- {s} -> {d}  {_weight(w)}" for s, d, w in diff.edges_removed] +
+            [f"~ {s} -> {d}: {_weight(a)} -> {_weight(b)}" for s, d, a, b in diff.edges_changed])
     section("tables", [f"~ {t}: max |difference| {v:.3g}" for t, v in diff.tables_changed])
     if diff.equal:
         lines.append("circuits are equal")
