@@ -60,7 +60,10 @@ def cmd_train(args) -> int:
     else:
         print(f"wrote {args.output}: validation loss {metrics['val_loss']:.4f}")
         for name, row in metrics["tasks"].items():
-            print(f"  {name:28s} loss {row['loss']:.4f}  accuracy {row['accuracy']:.3f}")
+            if "skipped" in row:
+                print(f"  {name:28s} skipped: {row['skipped']}")
+            else:
+                print(f"  {name:28s} loss {row['loss']:.4f}  accuracy {row['accuracy']:.3f}")
     return 0
 
 
@@ -246,7 +249,8 @@ def format_check(result: dict) -> str:
              f"{'necessity':13s} {mark(n['passed']):6s} model without the circuit: loss {n['ablated_loss']:.4f} "
              f">= {n['threshold']:.4f} ? (full model {n['full_model_loss']:.4f}, chance {n['chance_loss']:.4f})",
              f"{'minimality':13s} {mark(m['passed']):6s} {m['necessary']}/{m['total']} nodes push the loss over "
-             "the target when removed",
+             f"the target when removed ({m['measured_on']}; on held-out prompts {m['necessary_heldout']}/"
+             f"{m['total']})",
              f"{'faithfulness':13s} {mark(f['passed']):6s} circuit vs ablated model: max |dlogit| "
              f"{f['max_abs_logit_diff']:.2e}"]
     for kind, row in f["ablations"].items():

@@ -117,8 +117,16 @@ def validation_loss(model: SparseGPT, tokens: torch.Tensor, windows: int = 64) -
 
 
 def evaluate_tasks(model, tokenizer, n: int = 512) -> dict:
+    """Held-out metrics of every task the model can take; a task it cannot (prompts longer than its
+    context) is recorded with the reason instead of failing the run before its final checkpoint."""
     from circuitir.tasks.evaluate import evaluate_model
-    return {name: evaluate_model(model, task, tokenizer, "heldout", n) for name, task in TASKS.items()}
+    out = {}
+    for name, task in TASKS.items():
+        try:
+            out[name] = evaluate_model(model, task, tokenizer, "heldout", n)
+        except UserError as exc:
+            out[name] = {"task": name, "skipped": str(exc)}
+    return out
 
 
 def sparsify(model: SparseGPT, recipe: Recipe, density: float) -> None:
