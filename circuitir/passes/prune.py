@@ -157,25 +157,37 @@ def bisect(order, loss_of, target: float) -> tuple[int, float]:
 
 
 def greedy_minimise(kept, loss_of, target: float, progress: bool) -> tuple[list, float]:
-    """Drop nodes (least important first) while the target holds, until every node is necessary."""
+    """Drop nodes (least important first) while the target holds, until every node is necessary.
+
+    A node is *verified* once its removal failed against the kept set as it is now. Each drop
+    changes the set, so only nodes verified before the last drop are tested again: a second round
+    retests the few nodes ahead of the last drop, not the whole circuit.
+    """
     from tqdm import tqdm
 
     kept = list(kept)
     current = loss_of(kept)
-    changed = True
+    drops = 0
+    verified_at: dict = {}  # node -> number of drops when its removal last failed
     rounds = 0
-    while changed and kept:
-        changed = False
+    while True:
+        pending = [n for n in reversed(kept) if verified_at.get(n) != drops]
+        if not pending:
+            return kept, current
         rounds += 1
-        bar = tqdm(list(reversed(kept)), desc=f"prune: minimise (round {rounds})", disable=not progress,
+        bar = tqdm(pending, desc=f"prune: minimise (round {rounds})", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for node in bar:
+            if verified_at.get(node) == drops:
+                continue
             trial = [n for n in kept if n != node]
             value = loss_of(trial)
             if value <= target:
-                kept, current, changed = trial, value, True
+                kept, current = trial, value
+                drops += 1
+            else:
+                verified_at[node] = drops
             bar.set_postfix(kept=len(kept), loss=f"{current:.3f}")
-    return kept, current
 
 
 MAX_SCALE = 8.0
