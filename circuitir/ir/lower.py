@@ -38,7 +38,7 @@ F32 = torch.float32
 
 def f32(x) -> float:
     """A Python float that is exactly a float32 (so text round-trips are exact)."""
-    return float(torch.tensor(float(x), dtype=F32))
+    return float(torch.tensor(float(x), dtype=F32)) + 0.0  # + 0.0: no -0.0 in circuits
 
 
 def check_lowerable(model) -> None:
@@ -200,7 +200,9 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
 
     # Embedding columns of tracked channels; per-token statistics of the untracked ones.
     wte = model.transformer.wte.weight
-    circuit.embed = {c: wte[:, c].clone().to(F32) for c in sorted(tracked)}
+    # "+ 0.0" turns the -0.0 that zeroing negative weights can leave into 0.0 (same arithmetic, and
+    # sparse columns then print in their sparse form).
+    circuit.embed = {c: wte[:, c].to(F32) + 0.0 for c in sorted(tracked)}
     passive = sorted(set(range(d_model)) - tracked)
     running = wte[:, passive].double()  # value of each passive channel at the current read point
     for spec in specs:
@@ -226,5 +228,5 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
     circuit.norms["final"] = final
 
     if model.bigram_table is not None:
-        circuit.bigram = model.bigram_table[:, candidates].clone().to(F32)
+        circuit.bigram = model.bigram_table[:, candidates].to(F32) + 0.0
     return circuit

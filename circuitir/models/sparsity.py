@@ -41,7 +41,7 @@ def project_(weight: torch.Tensor, density: float, min_per_neuron: int = 4) -> t
     if density >= 1.0:
         return torch.ones_like(weight, dtype=torch.bool)
     mask = topk_mask(weight, nonzeros_for(weight.numel(), density), min_per_neuron)
-    weight.mul_(mask)
+    weight.masked_fill_(~mask, 0.0)  # not mul_: a negative weight times 0 would be stored as -0.0
     return mask
 
 

@@ -63,12 +63,14 @@ class PassCall:
     name: str
     options: object
 
-    def text(self) -> str:
-        """Canonical text: only options that differ from their defaults, in declaration order."""
+    def text(self, explicit: bool = False) -> str:
+        """Canonical text: options in declaration order; only those that differ from their defaults,
+        or every one with ``explicit`` (what a circuit's header records, so that changing a default
+        later cannot change what re-running its pipeline does)."""
         defaults = REGISTRY[self.name].options()
         parts = [f"{f.name.replace('_', '-')}={_format(getattr(self.options, f.name))}"
                  for f in dataclasses.fields(self.options)
-                 if getattr(self.options, f.name) != getattr(defaults, f.name)]
+                 if explicit or getattr(self.options, f.name) != getattr(defaults, f.name)]
         return self.name + ("{" + ",".join(parts) + "}" if parts else "")
 
 
@@ -150,8 +152,8 @@ def check_order(calls: list[PassCall]) -> None:
         raise UserError("pipeline: it never produces a circuit (end it with lower, fold-constants, dce)")
 
 
-def pipeline_text(calls: list[PassCall]) -> str:
-    return ", ".join(call.text() for call in calls)
+def pipeline_text(calls: list[PassCall], explicit: bool = False) -> str:
+    return ", ".join(call.text(explicit) for call in calls)
 
 
 def run_pipeline(calls: list[PassCall], state: PipelineState) -> PipelineState:

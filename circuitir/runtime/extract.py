@@ -81,7 +81,7 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
                  "candidates": " ".join(repr(loaded.tokenizer.token_str(t)) for t in candidates)},
         "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens", "corpus_sha256")},
         "norm": "live",
-        "pipeline": pipeline_text(calls),
+        "pipeline": pipeline_text(calls, explicit=True),
         "seed": seed,
         "calibration": dict(state.calibration),
     }
