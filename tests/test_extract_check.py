@@ -123,7 +123,11 @@ def test_the_file_records_where_the_circuit_came_from(extracted, setup):
     assert circuit.candidates == sorted([ord(")"), ord("]")])
     corpus = setup["loaded"].meta["corpus"]["sha256"]  # the means' corpus: the one the model trained on
     assert header["ablation"] == {"kind": "mean", "over": "pretrain", "tokens": 4096, "corpus_sha256": corpus}
-    assert header["pipeline"] == pipeline_text(parse_pipeline(setup["pipeline"])) == setup["pipeline"]
+    # Every option is written out, so a later change of a default cannot change what re-running it does,
+    # and the recorded text parses back to the pipeline that ran.
+    assert header["pipeline"] == pipeline_text(parse_pipeline(setup["pipeline"]), explicit=True)
+    assert parse_pipeline(header["pipeline"]) == parse_pipeline(setup["pipeline"])
+    assert "margin=0.02" in header["pipeline"] and "over=pretrain" in header["pipeline"]
     assert header["seed"] == SEED and header["norm"] == "live"
     assert header["metrics"]["target_loss"] == setup["target"]
     assert header["calibration"]["scale"] > 0 and header["calibration"]["shift"] == 0.0
