@@ -391,6 +391,43 @@ def test_greedy_leaves_only_necessary_nodes_with_redundancy():
         assert loss_of([n for n in kept if n != node]) > 0.5
 
 
+@given(st.integers(0, 80), st.lists(st.sets(st.integers(0, 79), max_size=6), min_size=1, max_size=4),
+       st.randoms(use_true_random=False))
+@settings(max_examples=60, deadline=None)
+def test_greedy_ends_where_every_node_is_necessary(n, families, rng):
+    """For any monotone loss (the target holds when the kept set contains one of a few required
+    sets), greedy keeps the target and ends at a set from which no single node can be dropped."""
+    nodes = [("s", i) for i in range(n)]
+    families = [{("s", i) for i in f if i < n} for f in families]
+    rng.shuffle(nodes)
+
+    def loss_of(kept):
+        kept = set(kept)
+        return 0.1 if any(f <= kept for f in families) else 1.0
+
+    kept, loss = greedy_minimise(nodes, loss_of, target=0.5, progress=False)
+    assert loss == loss_of(kept) == 0.1
+    assert kept == [x for x in nodes if x in set(kept)]  # a subsequence, order kept
+    for node in kept:
+        assert loss_of([x for x in kept if x != node]) > 0.5
+
+
+def test_greedy_drops_thousands_of_unneeded_nodes_in_few_evaluations():
+    """Bisection can leave thousands of nodes of which a few matter (the learned order is only good
+    near the top): dropping blocks needs far fewer evaluations than one per node."""
+    nodes = [("s", i) for i in range(3000)]
+    required = {nodes[i] for i in (0, 5, 40, 41, 700, 2999)}
+    calls = []
+
+    def loss_of(kept):
+        calls.append(len(kept))
+        return 0.1 if required <= set(kept) else 1.0
+
+    kept, _ = greedy_minimise(nodes, loss_of, target=0.5, progress=False)
+    assert set(kept) == required
+    assert len(calls) < 250, len(calls)
+
+
 def test_greedy_on_an_empty_set():
     assert greedy_minimise([], lambda kept: 0.0, target=0.5, progress=False) == ([], 0.0)
 
