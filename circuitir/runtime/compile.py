@@ -19,6 +19,18 @@ from circuitir.models.gpt import AbsTopK, topk_k
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]`` for a long ``index`` of any shape, as one ``gather``: on CPU several times
+    faster than advanced indexing on the last dimension, which dominated a circuit's run time."""
+    lead = x.shape[:-1]
+    flat = index.reshape(-1)
+    out = torch.gather(x, -1, flat.expand(*lead, flat.numel()))
+    return out.reshape(*lead, *index.shape)
+
+
+torch.fx.wrap("take")
+
+
 class LiveSite(nn.Module):
     """Assemble a site's live vector from its kept values and constants, then apply AbsTopK if any."""
 
@@ -39,7 +51,7 @@ class LiveSite(nn.Module):
             parts.append(self.const + torch.zeros_like(like[..., :1]))
         if not parts:
             return like[..., :0]
-        x = torch.cat(parts, dim=-1)[..., self.order]
+        x = take(torch.cat(parts, dim=-1), self.order)
         if self.topk is not None:
             x = self.topk(x)
         return x
@@ -204,7 +216,7 @@ class CircuitModule(nn.Module):
             scale = torch.rsqrt(sq / width - mean * mean + entry["eps"])
         if entry["frozen"] is not None:
             scale = torch.full_like(sq, entry["frozen"])
-        reads = resid[..., self.buf(prefix, "read_pos")]
+        reads = take(resid, self.buf(prefix, "read_pos"))
         if centred_mean is not None:
             reads = reads - centred_mean.unsqueeze(-1)
         return reads * scale.unsqueeze(-1)
@@ -227,9 +239,9 @@ class CircuitModule(nn.Module):
                 q = self.site(f"{prefix}.q")(x @ self.buf(prefix, "wq").T + self.buf(prefix, "bq"), zero)
                 k = self.site(f"{prefix}.k")(x @ self.buf(prefix, "wk").T + self.buf(prefix, "bk"), zero)
                 v = self.site(f"{prefix}.v")(x @ self.buf(prefix, "wv").T + self.buf(prefix, "bv"), zero)
-                qh = q[..., self.buf(prefix, "qidx")].transpose(1, 2)  # (B, H, T, D)
-                kh = k[..., self.buf(prefix, "kidx")].transpose(1, 2)
-                scores = (qh @ kh.transpose(-2, -1)) * self.scale
+                qh = take(q, self.buf(prefix, "qidx")).transpose(1, 2) * self.scale  # (B, H, T, D)
+                kh = take(k, self.buf(prefix, "kidx")).transpose(1, 2)
+                scores = qh @ kh.transpose(-2, -1)  # scaled through q: a (T, D) product, not (T, T)
                 causal = torch.ones_like(scores[0, 0], dtype=torch.bool).tril()  # (T, T)
                 scores = scores.masked_fill(~causal, float("-inf"))
                 if entry["sink"]:
@@ -237,9 +249,9 @@ class CircuitModule(nn.Module):
                     pattern = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:]
                 else:
                     pattern = torch.softmax(scores, dim=-1)
-                v_padded = torch.cat([v, zero * 0], dim=-1)[..., self.buf(prefix, "vpad")]  # (B, T, H, C)
+                v_padded = take(torch.cat([v, zero * 0], dim=-1), self.buf(prefix, "vpad"))  # (B, T, H, C)
                 z = (pattern @ v_padded.transpose(1, 2)).transpose(1, 2).flatten(-2)  # (B, T, H*C)
-                z = z[..., self.buf(prefix, "zidx")]  # (B, T, used v channels)
+                z = take(z, self.buf(prefix, "zidx"))  # (B, T, used v channels)
                 delta = write_site(z @ self.buf(prefix, "wo").T + self.buf(prefix, "bo"), zero)
             else:
                 hidden = self.act(x @ self.buf(prefix, "wfc").T + self.buf(prefix, "bfc"))
@@ -248,7 +260,7 @@ class CircuitModule(nn.Module):
             resid = resid.index_add(-1, self.buf(prefix, "write_pos"), delta)
         # Live final_resid channels; any channel left out is one the final norm's statistics do not
         # depend on (frozen RMS scale), so sums divide by the full width.
-        final = self.site("final_resid")(resid[..., self.final_kept_pos], zero)
+        final = self.site("final_resid")(take(resid, self.final_kept_pos), zero)
         if self.final_rms:
             centred = final
             variance = final.pow(2).sum(-1, keepdim=True) / self.d_model
