@@ -273,6 +273,31 @@ def test_pass_pipeline_agrees_with_lowering_in_one_go(stages):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(cases())
 def test_fold_and_dce_preserve_logits(case):
+    fold_and_dce_preserve_logits(case)
+
+
+# Found by the property above: a top-k over the v site couples every head's v channels, so a head
+# whose only kept channel is a v reaching the logits through that top-k is still computed (as lowering
+# computes it), and a head with only constant v channels (live for the top-k) is not.
+TOPK_V_CASES = [
+    dict(config=dict(n_layer=2, n_head=2, d_head=4, d_model=4, d_mlp=4, rms_norm=False,
+                     afrac_loctypes="attn_in,attn_v", tied_unembed=False, enable_bigram_table=True),
+         seed=0, keep_fraction=0.3),
+    dict(config=dict(n_layer=1, n_head=2, d_head=2, d_model=4, d_mlp=16, rms_norm=True,
+                     afrac_loctypes="attn_v", tied_unembed=True, enable_bigram_table=False),
+         seed=639191798, keep_fraction=0.1),
+]
+
+
+@pytest.mark.parametrize("found", TOPK_V_CASES)
+def test_dce_computes_the_heads_lowering_computes_under_a_v_topk(found):
+    config = GPTConfig(block_size=12, vocab_size=24, afrac=0.25, sink=True, **found["config"])
+    fold_and_dce_preserve_logits({"config": config, "seed": found["seed"], "density": 0.5,
+                                  "keep_fraction": found["keep_fraction"], "ablation": "mean", "norm": "live",
+                                  "seq_len": 1, "candidates": [0]})
+
+
+def fold_and_dce_preserve_logits(case):
     torch.set_num_threads(1)
     model, means, scales, mask, tokens = build(case)
     options = dict(ablation=case["ablation"], means=means, norm=case["norm"], frozen_scales=scales,

@@ -70,9 +70,9 @@ def eliminate_dead_code(circuit: Circuit, fills: dict | None = None) -> Circuit:
         reaching |= nx.ancestors(graph, Node("logits", k)) | {Node("logits", k)}
     d_head = circuit.config["d_head"]
     for (layer, head) in list(circuit.heads):
-        parts = [Node(f"{layer}.attn.{part}", c) for part in ("q", "k")
-                 for c in range(head * d_head, (head + 1) * d_head)]
-        if not any(node in reaching for node in parts):
+        channels = range(head * d_head, (head + 1) * d_head)
+        parts = [Node(f"{layer}.attn.{part}", c) for part in ("q", "k") for c in channels]
+        if not _head_is_used(circuit, graph, reaching, layer, channels):
             del circuit.heads[(layer, head)]
             continue
         for node in parts:
@@ -90,6 +90,27 @@ def eliminate_dead_code(circuit: Circuit, fills: dict | None = None) -> Circuit:
         if not any(n.site == f"{point}.act_in" and d.kind == "kept" for n, d in circuit.nodes.items()):
             del circuit.norms[point]
     return circuit
+
+
+def _head_is_used(circuit: Circuit, graph, reaching: set, layer: int, channels) -> bool:
+    """What lowering computes a head for: one of its q, k or v channels is a kept node that reaches
+    the logits (through the head, or through a top-k over its site that other heads share), or one of
+    its v channels writes into a kept residual write that does. Constant q or k channels alone (a
+    top-k site keeps every channel live) do not make a head."""
+    write_site = f"{layer}.attn.resid_delta"
+    for part in ("q", "k", "v"):
+        for c in channels:
+            node = Node(f"{layer}.attn.{part}", c)
+            if node not in reaching or node not in circuit.nodes:
+                continue
+            if circuit.nodes[node].kind == "kept":
+                return True
+            # A weight into a write that matters: not a graph successor, which may be a top-k
+            # coupling (the v site's top-k makes every v channel an input of every other's reader).
+            if part == "v" and any(d.site == write_site and d in reaching and (node, d) in circuit.edges
+                                   for d in graph.successors(node)):
+                return True
+    return False
 
 
 @register("dce", NoOptions, needs=("circuit",), provides=("circuit",),
