@@ -6,8 +6,9 @@ nodes, edges, held-out loss and accuracy, seconds, and whether the held-out
 loss meets the target. A task on which the full sparse model itself is above
 the target cannot have a circuit that meets it; such a task is extracted at a
 *relaxed* target instead (the full sparse model's held-out loss plus the
-target, rounded up to 0.05 nats), marked as such, and the dense model is held
-to the same relaxed target (``--no-relax`` reports those tasks as not
+target, rounded up to 0.05 nats; unless that is at or above chance, ln 2,
+when the task is reported as not extracted), marked as such, and the dense
+model is held to the same relaxed target (``--no-relax`` reports those tasks as not
 extracted). Then, as parts that can be skipped:
 
 (a) bisect only: the same extraction with ``prune{greedy=false}`` (learned
@@ -92,7 +93,9 @@ def task_target(loaded, task, target: float, relax: bool) -> float:
     full = evaluate_model(loaded.model, task, loaded.tokenizer, n=256)["loss"]
     if full <= target or not relax:
         return target
-    return math.ceil((full + target) / 0.05 - 1e-9) * 0.05
+    relaxed = math.ceil((full + target) / 0.05 - 1e-9) * 0.05
+    # At or above chance (ln 2) a "circuit" need not do the task at all: report it as not extracted.
+    return relaxed if relaxed < math.log(2) else target
 
 
 def load(path: Path, what: str):
