@@ -19,6 +19,12 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
+
+def show_progress(args) -> bool:
+    """Progress bars on a terminal only: not with --quiet or --json, and not into a log file or
+    pipe, where every refresh would add a line."""
+    return not (getattr(args, "quiet", False) or getattr(args, "json", False)) and sys.stderr.isatty()
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -54,7 +60,7 @@ def cmd_train(args) -> int:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    metrics = train(recipe, args.output, resume=args.resume, progress=not args.quiet, log=log)
+    metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log)
     if args.json:
         print_json(metrics)
     else:
@@ -217,7 +223,7 @@ def cmd_extract(args) -> int:
     task = get_task(args.task)
     loaded = load(args.model)
     circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
-                               ablation=args.ablation, seed=args.seed, progress=not (args.quiet or args.json))
+                               ablation=args.ablation, seed=args.seed, progress=show_progress(args))
     atomic_write_text(args.output, emit(circuit))
     if args.json:
         print_json(summary)
@@ -232,7 +238,7 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     result = check(circuit, load(args.model), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
-                   control=not args.no_control, progress=not (args.quiet or args.json))
+                   control=not args.no_control, progress=show_progress(args))
     if args.json:
         print_json(result)
     else:
