@@ -19,11 +19,11 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
-
 def show_progress(args) -> bool:
     """Progress bars on a terminal only: not with --quiet or --json, and not into a log file or
     pipe, where every refresh would add a line."""
     return not (getattr(args, "quiet", False) or getattr(args, "json", False)) and sys.stderr.isatty()
+
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))

@@ -254,6 +254,13 @@ def fit_scale(pair_logits: torch.Tensor, steps: int = 16) -> float:
     return float(min(MAX_SCALE, max(1.0 / MAX_SCALE, value)))
 
 
+def selection_batch(task, loaded, n: int, seed: int):
+    """The prompts bisection and greedy select nodes on: train-split prompts drawn with seed + 1, apart
+    from the mask-learning prompts (seed) and from every held-out prompt. ``check`` rebuilds them from a
+    circuit's header to test its minimality claim, so this is the one place that says which they are."""
+    return encode_examples(task, task.examples("train", n, seed + 1), loaded.tokenizer, loaded.config.block_size)
+
+
 @register("prune", PruneOptions, needs=("ablation",), provides=("mask",),
           summary="learn node masks (Heaviside/sigmoid STE), bisect on k, then drop every unnecessary node")
 def prune(state: PipelineState, options: PruneOptions) -> None:
@@ -261,8 +268,7 @@ def prune(state: PipelineState, options: PruneOptions) -> None:
     model, fills = loaded.model, state.ablation["fills"]
     block = loaded.config.block_size
     train_batch = encode_examples(task, task.examples("train", options.prompts, state.seed), loaded.tokenizer, block)
-    select_batch = encode_examples(task, task.examples("train", options.select, state.seed + 1),
-                                   loaded.tokenizer, block)
+    select_batch = selection_batch(task, loaded, options.select, state.seed)
     select_loss = MaskedLoss(model, fills, select_batch, options.calibrate)
     nodes = node_list(model)
     full = select_loss(mask_of(model, nodes))

@@ -124,13 +124,12 @@ class Checker:
     def selection_batch(self):
         """The prompts the extraction selected nodes on (prune's selection set), rebuilt from the header."""
         from circuitir.passes import parse_pipeline
+        from circuitir.passes.prune import selection_batch
         pipeline = self.circuit.header.get("pipeline")
         prune = next((c for c in parse_pipeline(pipeline) if c.name == "prune"), None) if pipeline else None
         if prune is None:
             return None
-        seed = int(self.circuit.header.get("seed", 0))
-        examples = self.task.examples("train", prune.options.select, seed + 1)
-        return encode_examples(self.task, examples, self.loaded.tokenizer, self.loaded.config.block_size)
+        return selection_batch(self.task, self.loaded, prune.options.select, int(self.circuit.header.get("seed", 0)))
 
     def minimality(self, progress: bool) -> dict:
         """Per node: the loss without it, on the selection prompts (the claim extraction makes: every node
