@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from circuitir.errors import UserError
-from circuitir.ir.ablation import ablated, fills_for
+from circuitir.ir.ablation import ablate, fills_for
 from circuitir.ir.circuit import Circuit
 from circuitir.models.checkpoint import LoadedModel, load_model
 from circuitir.models.config import GPTConfig
@@ -202,8 +202,7 @@ def main() -> None:
     scale, shift = float(calibration.get("scale", 1.0)), float(calibration.get("shift", 0.0))
     with torch.no_grad():
         fills = fills_for(model, reference["kind"], reference["means"])
-        with ablated(model, circuit_mask(circuit, model), fills, frozen):
-            expected = model(tokens)[..., circuit.candidates]
+        expected = ablate(model, circuit_mask(circuit, model), fills, frozen)(tokens)[..., circuit.candidates]
         got = (module(tokens) - shift) / scale  # the header's calibration undone: the circuit's own logits
     error = float((got - expected).abs().max())
     verdict = "ok" if error <= TOLERANCE else "FAILED"

@@ -85,7 +85,7 @@ def test_passes_lists_every_registered_pass():
     assert info["default_pipeline"] == DEFAULT_PIPELINE
     assert [row["pass"] for row in info["passes"]] == list(REGISTRY)
     prune = next(row for row in info["passes"] if row["pass"] == "prune")
-    assert prune["needs"] == ["ablation"] and prune["provides"] == ["mask"]
+    assert prune["needs"] == ["graph", "ablation"] and prune["provides"] == ["mask"]
     assert prune["options"]["greedy"] == {"type": "bool", "default": True}
 
 

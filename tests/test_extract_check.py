@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from circuitir.grammar import emit, parse
-from circuitir.ir.ablation import ablated, fills_for
+from circuitir.ir.ablation import ablate, fills_for
 from circuitir.models.checkpoint import file_sha256, load_model, save_checkpoint
 from circuitir.models.config import GPTConfig
 from circuitir.models.gpt import SparseGPT
@@ -95,8 +95,9 @@ def test_the_circuit_is_small_and_meets_the_target_on_the_selection_prompts(extr
     # selection prompts the search used.
     batch = selection_batch(setup)
     means = declared_means(loaded, circuit.header)
-    with torch.no_grad(), ablated(loaded.model, circuit_mask(circuit, loaded.model), fills_for(loaded.model, "mean", means)):
-        masked = candidate_logits(loaded.model(batch.tokens), batch)
+    with torch.no_grad():
+        masked = candidate_logits(ablate(loaded.model, circuit_mask(circuit, loaded.model),
+                                         fills_for(loaded.model, "mean", means))(batch.tokens), batch)
     assert float(binary_loss(masked)) == pytest.approx(metrics["selection_loss"], abs=1e-6)
     assert float(binary_loss(masked)) <= target
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from circuitir.errors import UserError
-from circuitir.ir.sites import Site
+from circuitir.models.gpt import Site
 from circuitir.models.checkpoint import load_model
 from circuitir.models.config import ACTIVATION_SPARSITY_LOCATIONS, GPTConfig
 from circuitir.models.gpt import SparseGPT
@@ -303,17 +303,21 @@ def test_site_widths(make_model):
 
 
 def test_site_ablation_changes_only_downstream(make_model, random_tokens):
-    """A site ablation reaches the logits, and clearing it restores them exactly."""
+    """A site ablation reaches the logits, and the model itself is untouched: the ablation is a
+    rewritten graph (ir/masked.py), so the model's own output, parameters and buffers are unchanged."""
+    from circuitir.ir.masked import ablate
     model = make_model(seed=6)
     tokens = random_tokens()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before = model(tokens)
-        site = model.sites()["1.mlp.post_act"]
-        site.set_ablation(torch.zeros(16, dtype=torch.bool), torch.zeros(16))
-        ablated = model(tokens)
-        site.set_ablation(None)
+        keep = {name: torch.ones(site.width, dtype=torch.bool) for name, site in model.sites().items()}
+        keep["1.mlp.post_act"] = torch.zeros(16, dtype=torch.bool)
+        fills = {name: torch.zeros(site.width) for name, site in model.sites().items()}
+        ablated = ablate(model, keep, fills)(tokens)
         assert torch.equal(model(tokens), before)
     assert (ablated - before).abs().max() > 1e-3
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_context_longer_than_block_size_is_refused(make_model):

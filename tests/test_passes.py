@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from circuitir.data.corpus import load_corpus
 from circuitir.errors import UserError
 from circuitir.grammar import emit, parse
-from circuitir.ir.ablation import ablated, fills_for, site_means
+from circuitir.ir.ablation import ablate, fills_for, site_means
 from circuitir.ir.circuit import CircuitError, Node
 from circuitir.ir.lower import circuit_from_mask
 from circuitir.models.checkpoint import LoadedModel
@@ -186,8 +186,8 @@ def stages():
     folded = fold_constants(copy.deepcopy(lowered))
     live = eliminate_dead_code(copy.deepcopy(folded))
     tokens = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), ablated(model, mask, fills_for(model, "mean", means), scales):
-        reference = model(tokens)[..., CANDIDATES]
+    with torch.no_grad():
+        reference = ablate(model, mask, fills_for(model, "mean", means), scales)(tokens)[..., CANDIDATES]
     return {"lower": lowered, "fold": folded, "dce": live}, tokens, reference, (model, means, mask, scales)
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circuitir.grammar import emit, parse
-from circuitir.ir.ablation import ablated, fills_for, norm_scales, site_means
+from circuitir.ir.ablation import ablate, fills_for, norm_scales, site_means
 from circuitir.ir.circuit import Circuit
 from circuitir.models.config import ACTIVATION_SPARSITY_LOCATIONS, GPTConfig
 from circuitir.models.gpt import SparseGPT
@@ -75,8 +75,8 @@ def build(case):
 
 def reference_logits(model, mask, case, means, scales, tokens):
     frozen = scales if case["norm"] == "frozen" else None
-    with torch.no_grad(), ablated(model, mask, fills_for(model, case["ablation"], means), frozen):
-        return model(tokens)[..., case["candidates"]]
+    with torch.no_grad():
+        return ablate(model, mask, fills_for(model, case["ablation"], means), frozen)(tokens)[..., case["candidates"]]
 
 
 def check_case(case):
@@ -155,7 +155,7 @@ def test_dead_code_is_dropped_without_changing_logits():
                                 frozen_scales={name: 1.0 for name in model.norms()}, candidates=[1, 2])
     assert [str(n) for n in circuit.kept_nodes()] == ["final_resid[0]"]
     tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), ablated(model, mask, fills_for(model, "mean", means), {n: 1.0 for n in model.norms()}):
-        expected = model(tokens)[..., [1, 2]]
+    with torch.no_grad():
+        expected = ablate(model, mask, fills_for(model, "mean", means), {n: 1.0 for n in model.norms()})(tokens)[..., [1, 2]]
     assert torch.allclose(compile_circuit(circuit)(tokens), expected, atol=1e-6)
     assert torch.allclose(expected[..., 1] - expected[..., 0], torch.ones_like(expected[..., 0]))

@@ -1,9 +1,12 @@
 """Graph IR: the model traced with torch.fx, sites and norms kept as leaves.
 
-``trace(model)`` returns a ``torch.fx.GraphModule`` in which every site is one
-``call_module`` node (so passes can find, mask or replace it by name) and a
-site table: each site's name, width, and the weight matrices that read and
-write it, with their nonzero counts.
+``trace(model)`` returns a :class:`GraphIR`: a ``torch.fx.GraphModule`` in
+which every site and every norm is one ``call_module`` node, a site table
+(each site's name, width, module path, and the weight matrices that read and
+write it) and a norm table (norm point -> module path). Every later pass
+finds what it rewrites through these tables: masking inserts a node after
+each site node (``ir/masked.py``), freezing replaces each norm node.
+The GraphModule shares the model's parameters; no pass mutates the model.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import torch
 import torch.fx
 
 from circuitir.ir.circuit import site_specs
-from circuitir.ir.sites import Site
-from circuitir.models.gpt import Norm
+from circuitir.models.gpt import Norm, Site
 
 
 class SiteTracer(torch.fx.Tracer):
@@ -39,6 +41,7 @@ class GraphIR:
     graph_module: torch.fx.GraphModule
     sites: dict[str, SiteInfo]
     nonzeros: dict[str, tuple[int, int]]  # matrix -> (nonzero, total)
+    norms: dict[str, str] = field(default_factory=dict)  # norm point ({L}.attn, {L}.mlp, final) -> module path
 
     def site_nodes(self) -> dict[str, torch.fx.Node]:
         """The fx node of every site, by site name."""
@@ -85,7 +88,9 @@ def trace(model) -> GraphIR:
             info.writers = residual_writers(spec.layer, sub)
         sites[spec.name] = info
     nonzeros = {name: (int((p != 0).sum()), p.numel()) for name, p in model.sparse_parameters().items()}
-    return GraphIR(graph_module, sites, nonzeros)
+    module_path = {id(module): path for path, module in model.named_modules()}
+    norms = {point: module_path[id(norm)] for point, norm in model.norms().items()}
+    return GraphIR(graph_module, sites, nonzeros, norms)
 
 
 def summary(model, graph_ir: GraphIR | None = None) -> dict:

@@ -2,7 +2,7 @@
 
 State-dict keys and config fields are those of OpenAI's released models, so
 their ``final_model.pt`` loads unchanged. Every activation named in DESIGN §2
-passes through a :class:`~circuitir.ir.sites.Site`, and the forward pass has
+passes through a :class:`Site`, and the forward pass has
 no Python control flow on tensor values, so ``torch.fx.symbolic_trace`` works
 on it as written.
 
@@ -23,8 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from circuitir.ir.sites import Site
 from circuitir.models.config import GPTConfig
+
+
+class Site(nn.Module):
+    """A named place where an interpretable activation lives: an identity module.
+
+    Like TransformerLens' HookPoint, but with no state: torch.fx keeps it as a
+    leaf (``ir/trace.py``), so the traced graph has one call per site, and
+    every ablation, recording or bridge is a rewrite of that graph
+    (``ir/masked.py``), never an attribute set on the model.
+    """
+
+    def __init__(self, name: str, width: int):
+        super().__init__()
+        self.name = name
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, width={self.width}"
 
 
 class AbsTopK(nn.Module):
@@ -59,13 +79,17 @@ def maybe_topk(config: GPTConfig, location: str, width: int) -> nn.Module:
     return nn.Identity()
 
 
-class Norm(nn.Module):
-    """RMSNorm or LayerNorm, with an optional *frozen* scale.
+def norm_inverse_scale(x: torch.Tensor, rms: bool, eps: float) -> torch.Tensor:
+    """The per-token factor a norm multiplies by: 1/rms, or 1/std of the already centred ``x``."""
+    if rms:
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
 
-    ``live`` (default) normalises each token by its own statistics. When
-    ``frozen_scale`` is set, the per-token 1/rms (1/std) is replaced by that
-    constant, which makes the layer linear: the ``frozen`` norm mode of a circuit.
-    """
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm. It normalises each token by its own statistics; the
+    ``frozen`` norm mode of a circuit (a constant 1/rms, which makes the layer
+    linear) is a rewrite of the traced graph (``ir/masked.py: freeze_norms``)."""
 
     def __init__(self, width: int, rms: bool, bias: bool):
         super().__init__()
@@ -74,19 +98,15 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width)) if (bias and not rms) else None
         # nn.RMSNorm's default eps (OpenAI's models use it); F.layer_norm's for LayerNorm.
         self.eps = torch.finfo(torch.float32).eps if rms else 1e-5
-        self.frozen_scale: torch.Tensor | None = None
 
     def inverse_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The per-token factor the norm multiplies by (1/rms or 1/std), live."""
-        if self.rms:
-            return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + self.eps)
+        return norm_inverse_scale(x, self.rms, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:
             x = x - x.mean(-1, keepdim=True)
-        scale = self.inverse_scale(x) if self.frozen_scale is None else self.frozen_scale.to(x.dtype)
-        out = x * scale * self.weight
+        out = x * self.inverse_scale(x) * self.weight
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from circuitir.errors import UserError
-from circuitir.ir.ablation import ablated
+from circuitir.ir.masked import last_position_only, mask_graph
 from circuitir.passes.manager import PipelineState, register
 from circuitir.tasks.evaluate import binary_loss, candidate_logits, encode_examples
 
@@ -60,6 +60,7 @@ class PruneOptions:
     margin: float = 0.02        # selection aims at target - margin (the greedy step's winner's curse)
     batch: int = 64
     greedy: bool = True
+    masks: int = 4              # masks per forward in greedy's single-node rounds (the mask-batch dimension)
     calibrate: bool = False    # fit a logit scale inside the search (see module docstring)
 
     def validate(self):
@@ -67,27 +68,73 @@ class PruneOptions:
             raise UserError("pipeline: prune{target} must be positive")
         if self.steps < 0 or self.prompts < 2 or self.select < 2 or self.batch < 1:
             raise UserError("pipeline: prune{steps, prompts, select, batch} must be positive")
+        if self.masks < 1:
+            raise UserError("pipeline: prune{masks} must be at least 1")
         if self.margin < 0:
             raise UserError("pipeline: prune{margin} must be at least 0")
 
 
-class MaskedLoss:
-    """Task loss of the model with a node mask, on one fixed batch of prompts."""
+class MaskedTask:
+    """Candidate logits of a masked graph (``ir/masked.py``) on task prompts, for one mask or many.
 
-    def __init__(self, model, fills, batch, calibrate: bool = False):
-        self.model, self.fills, self.batch, self.calibrate = model, fills, batch, calibrate
+    Three things make an evaluation cheap, none of which changes what is computed (up to float
+    rounding): ``M`` masks run in one forward (the graph's mask-batch dimension); prompts run in
+    buckets of similar length, each cut to its longest prompt (causal attention: nothing after a
+    prompt's last token reaches its logits there); and the graph is rewritten to compute the last MLP
+    and the unembedding only at each prompt's last position (``last_position_only``).
+    """
+
+    def __init__(self, graph_ir, fills, rows: int = 32):
+        self.graph = mask_graph(graph_ir, fills)
+        self.last_only = last_position_only(self.graph, graph_ir)
+        self.rows = rows
+
+    def pairs(self, masks: dict, batch) -> torch.Tensor:
+        """(M, N, 2) [correct, alternative] logits under ``masks`` ({site: (M, W) or (W,)})."""
+        self.graph.set_masks(masks)
+        order = torch.argsort(batch.last, stable=True)
+        parts = []
+        for rows in order.split(self.rows):
+            length = int(batch.last[rows].max()) + 1
+            tokens, last = batch.tokens[rows, :length], batch.last[rows]
+            if self.last_only:
+                at_last = self.graph(tokens, last)[:, :, 0]                   # (M, b, V)
+            else:
+                at_last = self.graph(tokens)[:, torch.arange(len(rows)), last]
+            parts.append(torch.stack([at_last.gather(-1, batch.correct[rows].expand(len(at_last), -1)[..., None]),
+                                      at_last.gather(-1, batch.alternative[rows].expand(len(at_last), -1)[..., None])],
+                                     dim=-1)[..., 0, :])
+        pairs = torch.cat(parts, dim=1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return pairs[:, inverse]
+
+
+class MaskedLoss:
+    """Task loss under a node mask (or many at once) on one fixed batch of prompts."""
+
+    def __init__(self, graph_ir, fills, batch, calibrate: bool = False):
+        self.task = MaskedTask(graph_ir, fills)
+        self.batch, self.calibrate = batch, calibrate
         self.evaluations = 0
 
     @torch.no_grad()
+    def pair_logits_many(self, masks: list[dict]) -> torch.Tensor:
+        self.evaluations += len(masks)
+        return self.task.pairs({site: torch.stack([mask[site] for mask in masks]) for site in masks[0]}, self.batch)
+
     def pair_logits(self, mask: dict) -> torch.Tensor:
-        self.evaluations += 1
-        with ablated(self.model, mask, self.fills):
-            return candidate_logits(self.model(self.batch.tokens), self.batch)
+        return self.pair_logits_many([mask])[0]
+
+    def losses(self, masks: list[dict]) -> list[float]:
+        out = []
+        for pairs in self.pair_logits_many(masks):
+            scale = fit_scale(pairs) if self.calibrate else 1.0
+            out.append(float(binary_loss(pairs * scale)))
+        return out
 
     def __call__(self, mask: dict) -> float:
-        pairs = self.pair_logits(mask)
-        scale = fit_scale(pairs) if self.calibrate else 1.0
-        return float(binary_loss(pairs * scale))
+        return self.losses([mask])[0]
 
 
 def node_list(model) -> list[tuple[str, int]]:
@@ -101,42 +148,34 @@ def mask_of(model, nodes) -> dict:
     return mask
 
 
-def learn_logits(model, fills, batch, options: PruneOptions, seed: int, progress: bool) -> dict:
+def learn_logits(graph_ir, fills, batch, options: PruneOptions, seed: int, progress: bool) -> dict:
+    """One logit per node, learned through the masked graph (the source model is not touched: its
+    parameters are read, never given gradients)."""
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
-    sites = model.sites()
-    logits = {name: (0.1 + 0.01 * torch.randn(site.width, generator=generator)).requires_grad_()
-              for name, site in sites.items()}
+    widths = {name: info.width for name, info in graph_ir.sites.items()}
+    logits = {name: (0.1 + 0.01 * torch.randn(width, generator=generator)).requires_grad_()
+              for name, width in widths.items()}
     optimizer = torch.optim.AdamW(list(logits.values()), lr=options.lr, weight_decay=0.0)
-    for param in model.parameters():
-        param.requires_grad_(False)
     bar = tqdm(range(options.steps), desc="prune: learn mask", disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)
     n = len(batch.tokens)
-    try:
-        for step in bar:
-            rows = torch.randint(0, n, (min(options.batch, n),), generator=generator)
-            for name, site in sites.items():
-                site.keep = HeavisideSTE.apply(logits[name])
-                site.fill = fills[name]
-            sub = _rows(batch, rows)
-            task_loss = binary_loss(candidate_logits(model(sub.tokens), sub))
-            kept = sum(site.keep.sum() for site in sites.values())
-            loss = task_loss + options.sparsity * kept
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(logits.values()), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                for value in logits.values():
-                    value.clamp_(-1.0, 1.0)
-            bar.set_postfix(task_loss=f"{float(task_loss.detach()):.3f}", kept=int(kept.detach()))
-    finally:
-        for site in sites.values():
-            site.set_ablation(None)
-        for param in model.parameters():
-            param.requires_grad_(True)
+    task = MaskedTask(graph_ir, fills)
+    for step in bar:
+        rows = torch.randint(0, n, (min(options.batch, n),), generator=generator)
+        keep = {name: HeavisideSTE.apply(value) for name, value in logits.items()}
+        task_loss = binary_loss(task.pairs(keep, _rows(batch, rows))[0])
+        kept = sum(mask.sum() for mask in keep.values())
+        loss = task_loss + options.sparsity * kept
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(logits.values()), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for value in logits.values():
+                value.clamp_(-1.0, 1.0)
+        bar.set_postfix(task_loss=f"{float(task_loss.detach()):.3f}", kept=int(kept.detach()))
     return {name: value.detach() for name, value in logits.items()}
 
 
@@ -160,7 +199,7 @@ def bisect(order, loss_of, target: float) -> tuple[int, float]:
     return hi, best
 
 
-def greedy_minimise(kept, loss_of, target: float, progress: bool) -> tuple[list, float]:
+def greedy_minimise(kept, loss_of, target: float, progress: bool, losses_of=None, width: int = 1) -> tuple[list, float]:
     """Drop nodes (least important first) while the target holds, until every node is necessary.
 
     Two phases. *Blocks*: walk the kept nodes from least to most important, trying to drop a block
@@ -169,17 +208,22 @@ def greedy_minimise(kept, loss_of, target: float, progress: bool) -> tuple[list,
     nodes of which a hundred matter, this costs a few hundred evaluations instead of thousands.
     *Singles*: then nodes are tried one at a time until none can go. A node is *verified* once its
     removal failed against the kept set as it is then; each drop changes the set, so only nodes
-    verified before the last drop are tested again.
+    verified before the last drop are tested again. With ``losses_of`` (many kept sets -> their
+    losses, one batched forward), the next ``width`` removals are evaluated together against the
+    same kept set and taken in order up to the first that succeeds: the trials after it are
+    discarded and redone against the smaller set, so the result is the one-at-a-time result.
     """
-    search = _Minimiser(list(kept), loss_of, target, progress)
+    search = _Minimiser(list(kept), loss_of, target, progress, losses_of, width)
     search.drop_blocks()
     search.drop_singles()
     return search.kept, search.current
 
 
 class _Minimiser:
-    def __init__(self, kept, loss_of, target, progress):
+    def __init__(self, kept, loss_of, target, progress, losses_of=None, width=1):
         self.kept, self.loss_of, self.target, self.progress = kept, loss_of, target, progress
+        self.losses_of = losses_of or (lambda sets: [loss_of(s) for s in sets])
+        self.width = max(1, width)
         self.current = loss_of(kept)
         self.drops = 0
         self.verified_at: dict = {}  # node -> number of drops when its removal last failed
@@ -224,10 +268,18 @@ class _Minimiser:
                 return
             rounds += 1
             with self._bar(len(pending), f"prune: minimise (round {rounds})") as bar:
-                for node in pending:
-                    if self.verified_at.get(node) != self.drops:
-                        self._try({node})
-                    bar.update(1)
+                start = 0
+                while start < len(pending):
+                    batch = [n for n in pending[start:start + self.width]]
+                    values = self.losses_of([[n for n in self.kept if n != node] for node in batch])
+                    for node, value in zip(batch, values):
+                        start += 1
+                        bar.update(1)
+                        if value <= self.target:
+                            self.kept, self.current = [n for n in self.kept if n != node], value
+                            self.drops += 1
+                            break  # later trials in this batch saw the old kept set: redo them
+                        self.verified_at[node] = self.drops
                     bar.set_postfix(kept=len(self.kept), loss=f"{self.current:.3f}")
 
 
@@ -261,15 +313,15 @@ def selection_batch(task, loaded, n: int, seed: int):
     return encode_examples(task, task.examples("train", n, seed + 1), loaded.tokenizer, loaded.config.block_size)
 
 
-@register("prune", PruneOptions, needs=("ablation",), provides=("mask",),
+@register("prune", PruneOptions, needs=("graph", "ablation"), provides=("mask",),
           summary="learn node masks (Heaviside/sigmoid STE), bisect on k, then drop every unnecessary node")
 def prune(state: PipelineState, options: PruneOptions) -> None:
     loaded, task = state.loaded, state.task
-    model, fills = loaded.model, state.ablation["fills"]
+    model, fills, graph_ir = loaded.model, state.ablation["fills"], state.graph
     block = loaded.config.block_size
     train_batch = encode_examples(task, task.examples("train", options.prompts, state.seed), loaded.tokenizer, block)
     select_batch = selection_batch(task, loaded, options.select, state.seed)
-    select_loss = MaskedLoss(model, fills, select_batch, options.calibrate)
+    select_loss = MaskedLoss(graph_ir, fills, select_batch, options.calibrate)
     nodes = node_list(model)
     full = select_loss(mask_of(model, nodes))
     if full > options.target:
@@ -282,12 +334,15 @@ def prune(state: PipelineState, options: PruneOptions) -> None:
     lower = options.target - options.margin
     goal = lower if 0 < lower and full <= lower else options.target
     torch.manual_seed(state.seed)
-    logits = learn_logits(model, fills, train_batch, options, state.seed, state.progress)
+    logits = learn_logits(graph_ir, fills, train_batch, options, state.seed, state.progress)
     rank = {node: i for i, node in enumerate(nodes)}
     order = sorted(nodes, key=lambda n: (-float(logits[n[0]][n[1]]), rank[n]))
 
     def loss_of(kept):
         return select_loss(mask_of(model, kept))
+
+    def losses_of(candidates):
+        return select_loss.losses([mask_of(model, kept) for kept in candidates])
 
     k, bisect_loss = bisect(order, loss_of, goal)
     kept = order[:k]
@@ -295,7 +350,7 @@ def prune(state: PipelineState, options: PruneOptions) -> None:
                               "bisect_loss": bisect_loss,
                               "learned_kept": int(sum(int((v > 0).sum()) for v in logits.values()))}
     if options.greedy:
-        kept, final = greedy_minimise(kept, loss_of, goal, state.progress)
+        kept, final = greedy_minimise(kept, loss_of, goal, state.progress, losses_of, options.masks)
     else:
         final = bisect_loss
     state.metrics["prune"].update({"nodes": len(kept), "selection_loss": final,

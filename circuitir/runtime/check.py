@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import torch
 
 from circuitir.errors import UserError
-from circuitir.ir.ablation import ablated, fills_for, record_sites
+from circuitir.ir.ablation import fills_for, record_sites
 from circuitir.ir.circuit import Circuit
+from circuitir.ir.masked import ablate
+from circuitir.ir.trace import trace
 from circuitir.runtime.compile import compile_circuit
 from circuitir.runtime.evaluate import pair_logits_from_candidates
 from circuitir.tasks import get_task
@@ -44,20 +44,10 @@ def complement(mask: dict) -> dict:
     return {name: ~m for name, m in mask.items()}
 
 
-@contextmanager
-def resampled(model, keep: dict, tokens: torch.Tensor):
-    """Ablate by resampling: each prompt's ablated channels take another prompt's values (same position)."""
-    donors = torch.roll(tokens, shifts=1, dims=0)
-    recorded = record_sites(model, donors)
-    sites = model.sites()
-    try:
-        for name, site in sites.items():
-            site.keep = keep[name]
-            site.fill = recorded[name].view(*tokens.shape, site.width)
-        yield model
-    finally:
-        for site in sites.values():
-            site.set_ablation(None)
+def resample_fills(graph_ir, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Resample ablation's stand-ins: each prompt's channels take another prompt's values (same position)."""
+    recorded = record_sites(graph_ir, torch.roll(tokens, shifts=1, dims=0))
+    return {name: values.view(*tokens.shape, -1) for name, values in recorded.items()}
 
 
 def check_source(circuit: Circuit, loaded) -> None:
@@ -70,6 +60,7 @@ def check_source(circuit: Circuit, loaded) -> None:
 
 
 class Checker:
+    MASKS_PER_FORWARD = 8  # single-node removals evaluated together in minimality (the mask-batch dimension)
     def __init__(self, circuit: Circuit, loaded, n: int = 256, seed: int = 0, means: dict | None = None):
         check_source(circuit, loaded)
         self.circuit, self.loaded = circuit, loaded
@@ -90,17 +81,18 @@ class Checker:
                                      loaded.config.block_size)
         self.mask = circuit_mask(circuit, self.model)
         self.means = means
+        self.graph_ir = trace(self.model)
 
     @torch.no_grad()
     def model_pairs(self, keep: dict | None, kind: str, batch=None) -> torch.Tensor:
-        model, batch = self.model, batch if batch is not None else self.batch
+        batch = batch if batch is not None else self.batch
         if keep is None:
-            return candidate_logits(model(batch.tokens), batch)
+            return candidate_logits(self.model(batch.tokens), batch)
         if kind == "resample":
-            with resampled(model, keep, batch.tokens):
-                return candidate_logits(model(batch.tokens), batch)
-        with ablated(model, keep, fills_for(model, kind, self.means)):
-            return candidate_logits(model(batch.tokens), batch)
+            fills = resample_fills(self.graph_ir, batch.tokens)
+        else:
+            fills = fills_for(self.model, kind, self.means)
+        return candidate_logits(ablate(self.graph_ir, keep, fills)(batch.tokens), batch)
 
     def loss(self, pairs: torch.Tensor) -> float:
         return float(binary_loss(pairs * self.scale))
@@ -135,19 +127,28 @@ class Checker:
         """Per node: the loss without it, on the selection prompts (the claim extraction makes: every node
         is needed to meet the target there) and on the held-out prompts (how far that carries)."""
         from tqdm import tqdm
+
+        from circuitir.passes.prune import MaskedLoss
         selection = self.selection_batch()
-        rows = []
-        for node in tqdm(self.circuit.kept_nodes(), desc="check: minimality", disable=not progress, leave=False):
-            keep = {name: m.clone() for name, m in self.mask.items()}
-            keep[node.site][node.index] = False
-            heldout = self.loss(self.model_pairs(keep, self.ablation))
-            row = {"node": str(node), "loss_without_heldout": heldout, "necessary_heldout": heldout > self.target}
-            if selection is not None:
-                row["loss_without"] = self.loss(self.model_pairs(keep, self.ablation, selection))
-            else:
-                row["loss_without"] = heldout
-            row["necessary"] = row["loss_without"] > (self.goal if selection is not None else self.target)
-            rows.append(row)
+        fills = fills_for(self.model, self.ablation, self.means)
+        heldout_loss = MaskedLoss(self.graph_ir, fills, self.batch)
+        selection_loss = MaskedLoss(self.graph_ir, fills, selection) if selection is not None else None
+        nodes, rows = self.circuit.kept_nodes(), []
+        with tqdm(total=len(nodes), desc="check: minimality", disable=not progress, leave=False) as bar:
+            for start in range(0, len(nodes), self.MASKS_PER_FORWARD):
+                chunk = nodes[start:start + self.MASKS_PER_FORWARD]
+                masks = []
+                for node in chunk:
+                    keep = {name: m.clone() for name, m in self.mask.items()}
+                    keep[node.site][node.index] = False
+                    masks.append(keep)
+                heldout = [self.loss(p) for p in heldout_loss.pair_logits_many(masks)]
+                chosen = [self.loss(p) for p in selection_loss.pair_logits_many(masks)] if selection_loss else heldout
+                for node, held, without in zip(chunk, heldout, chosen):
+                    rows.append({"node": str(node), "loss_without_heldout": held,
+                                 "necessary_heldout": held > self.target, "loss_without": without,
+                                 "necessary": without > (self.goal if selection is not None else self.target)})
+                bar.update(len(chunk))
         necessary = sum(r["necessary"] for r in rows)
         return {"measured_on": f"selection prompts, goal {self.goal}" if selection is not None
                 else "held-out prompts",
