@@ -142,23 +142,13 @@ def cmd_fmt(args) -> int:
 
 def read_circuit(path: str):
     """Parse a .cir file; a syntax error keeps its file:line:col report."""
-    from circuitir.grammar import parse
-
-    try:
-        text = open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return parse(text, path)
+    from circuitir.api import load as load_circuit
+    return load_circuit(path)
 
 
 def load(path: str):
-    from circuitir.models.checkpoint import load_model
-
-    loaded = load_model(path)
-    if loaded.tokenizer is None:
-        raise UserError(f"{path} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer; "
-                        "circuitir reads only byte-level models without one")
-    return loaded
+    from circuitir.api import load_model
+    return load_model(path)
 
 
 def cmd_trace(args) -> int:

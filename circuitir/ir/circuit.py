@@ -256,11 +256,31 @@ class Circuit:
         """Raise :class:`CircuitError` naming the first broken invariant."""
         check_circuit(self)
 
-    # ------------------------------------------------------------ construction
+    # ------------------------------------------------------------ construction and use
     @classmethod
     def from_mask(cls, model, mask, **kwargs) -> "Circuit":
         from circuitir.ir.lower import circuit_from_mask
         return circuit_from_mask(model, mask, **kwargs)
+
+    def text(self) -> str:
+        """The circuit as canonical .cir text."""
+        from circuitir.grammar import emit
+        return emit(self)
+
+    def save(self, path) -> None:
+        """Write the .cir file atomically (an interrupted save leaves no half-written file)."""
+        from circuitir.models.checkpoint import atomic_write_text
+        atomic_write_text(path, self.text())
+
+    def compile(self):
+        """A ``torch.fx.GraphModule``: token ids (B, T) -> candidate logits (B, T, K), without the model."""
+        from circuitir.runtime.compile import compile_circuit
+        return compile_circuit(self)
+
+    def run(self, prompts) -> list[dict]:
+        """The circuit alone on prompts: each candidate's logit at the last token, and which wins."""
+        from circuitir.runtime.run import run_prompts
+        return run_prompts(self, [prompts] if isinstance(prompts, str) else list(prompts))
 
 
 def _nan_safe(obj):
