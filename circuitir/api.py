@@ -86,6 +86,12 @@ def diff(a: Circuit, b: Circuit, *, tolerance: float = 1e-6, header: bool = True
     return structural_diff(a, b, tolerance=tolerance, header=header)
 
 
+def site_means(model, tokens, batch_size: int = 64) -> dict:
+    """Per-channel means of every site over ``tokens`` (N, T): mean ablation's stand-in values."""
+    from circuitir.ir.ablation import site_means as measure
+    return measure(getattr(model, "model", model), tokens, batch_size)
+
+
 def render(circuit: Circuit, output, title: str | None = None) -> None:
     """Draw ``circuit`` to ``output`` (.dot source, or .pdf/.svg/.png through Graphviz)."""
     from circuitir.render.graphviz import render as draw

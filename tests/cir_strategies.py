@@ -102,12 +102,20 @@ def circuits(draw) -> Circuit:
     residual |= draw(st.sets(st.integers(0, config["d_model"] - 1), max_size=2))
     for channel in residual:
         circuit.embed[channel] = draw(tables(vocab))
+    # Norms: every point the circuit reads (and the final one) has one, as its norm mode requires; other
+    # points may have one too.
     points = [read_point(s.name) for s in specs if s.kind in ("act_in", "final_resid")]
-    for point in draw(st.sets(st.sampled_from(points))):
+    frozen = header.get("norm") == "frozen" or ("norm" not in header and draw(st.booleans()))
+    needed = {"final"} | {read_point(n.site) for n, d in circuit.nodes.items()
+                          if d.kind == "kept" and by_name[n.site].kind == "act_in"}
+    for point in needed | draw(st.sets(st.sampled_from(points))):
+        rms = draw(st.booleans())
+        inner = point != "final"
         circuit.norms[point] = NormData(
-            rms=draw(st.booleans()), eps=draw(ANY_F32), width=draw(st.integers(1, 2**40)),
-            frozen_scale=draw(st.one_of(st.none(), ANY_F32)),
-            passive_sq=draw(st.one_of(st.none(), tables(vocab))), passive_sum=draw(st.one_of(st.none(), tables(vocab))))
+            rms=rms, eps=draw(ANY_F32), width=config["d_model"],
+            frozen_scale=draw(ANY_F32) if frozen else None,
+            passive_sq=draw(tables(vocab)) if inner and not frozen else draw(st.one_of(st.none(), tables(vocab))),
+            passive_sum=draw(tables(vocab)) if inner and not rms else draw(st.one_of(st.none(), tables(vocab))))
     if draw(st.booleans()):
         circuit.bigram = torch.stack([draw(tables(vocab)) for _ in candidates], dim=1)
 

@@ -28,7 +28,7 @@ from circuitir.errors import UserError
 from circuitir.grammar import emit, parse
 from circuitir.ir.ablation import ablate, fills_for, site_means
 from circuitir.ir.circuit import CircuitError, Node
-from circuitir.ir.lower import circuit_from_mask
+from circuitir.ir.lower import circuit_from_mask, lower
 from circuitir.models.checkpoint import LoadedModel
 from circuitir.models.config import GPTConfig
 from circuitir.models.gpt import SparseGPT
@@ -181,8 +181,8 @@ def golden_case():
 def stages():
     """{stage: circuit} for lower -> fold-constants -> dce, plus the model's reference logits."""
     model, means, mask, scales = golden_case()
-    lowered = circuit_from_mask(model, mask, means=means, norm="frozen", frozen_scales=scales,
-                                candidates=CANDIDATES, dce=False, fold=False)
+    lowered = lower(model, mask, fills_for(model, "mean", means), norm="frozen", frozen_scales=scales,
+                    candidates=CANDIDATES, header={"ablation": {"kind": "mean"}, "norm": "frozen"})
     folded = fold_constants(copy.deepcopy(lowered))
     live = eliminate_dead_code(copy.deepcopy(folded))
     tokens = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -257,15 +257,31 @@ def test_dce_drops_exactly_the_dead_nodes(stages):
 
 
 def test_pass_pipeline_agrees_with_lowering_in_one_go(stages):
-    """lower, fold-constants, dce as passes keep the nodes circuit_from_mask keeps with its own dce and
-    folding; that one leaves constants nothing reads (dce drops them), and is otherwise the same."""
+    """Circuit.from_mask is lower -> fold-constants -> dce: the same text as the stages, bit for bit, and
+    the same kept nodes as an independent dead-code elimination that re-lowers the shrinking mask."""
     model, means, mask, scales = stages[3]
     direct = circuit_from_mask(model, mask, means=means, norm="frozen", frozen_scales=scales, candidates=CANDIDATES)
     live = stages[0]["dce"]
-    assert direct.kept_nodes() == live.kept_nodes()
-    assert {str(n) for n in set(direct.nodes) - set(live.nodes)} == {
-        "0.mlp.resid_delta[2]", "final_resid[1]", "final_resid[2]", "final_resid[3]"}
-    assert emit(eliminate_dead_code(direct)) == emit(live)
+    assert emit(direct) == emit(live) and direct == live
+    oracle = relowered_fixpoint(model, mask, fills_for(model, "mean", means), norm="frozen", frozen_scales=scales,
+                                candidates=CANDIDATES)
+    assert direct.kept_nodes() == oracle.kept_nodes() and direct.heads == oracle.heads
+
+
+def relowered_fixpoint(model, mask, fills, **options):
+    """The reference dce: lower and fold, drop the kept nodes with no path to the logits from the *mask*,
+    and lower again, until nothing is dropped (what lowering itself did before dce was one pass)."""
+    import networkx as nx
+    keep = {name: torch.as_tensor(m, dtype=torch.bool).clone() for name, m in mask.items()}
+    while True:
+        circuit = fold_constants(lower(model, keep, fills, **options))
+        graph = circuit.graph()
+        reaching = set().union(*(nx.ancestors(graph, Node("logits", k)) for k in range(len(circuit.candidates))))
+        dead = [n for n in circuit.kept_nodes() if n not in reaching]
+        if not dead:
+            return circuit
+        for node in dead:
+            keep[node.site][node.index] = False
 
 
 # ---------------------------------------------------------------- fold and dce on random models
@@ -302,10 +318,11 @@ def fold_and_dce_preserve_logits(case):
     model, means, scales, mask, tokens = build(case)
     options = dict(ablation=case["ablation"], means=means, norm=case["norm"], frozen_scales=scales,
                    candidates=case["candidates"])
-    circuit = circuit_from_mask(model, mask, dce=False, fold=False, **options)
+    fills = fills_for(model, case["ablation"], means)
+    circuit = lower(model, mask, fills, norm=case["norm"], frozen_scales=scales, candidates=case["candidates"],
+                    header={"ablation": {"kind": case["ablation"]}, "norm": case["norm"]})
     expected = reference_logits(model, mask, case, means, scales, tokens)
     kept = circuit.kept_nodes()
-    fills = fills_for(model, case["ablation"], means)
     for step in (None, fold_constants, eliminate_dead_code):
         if step is eliminate_dead_code:
             circuit = step(circuit, fills)
@@ -319,15 +336,29 @@ def fold_and_dce_preserve_logits(case):
             assert circuit.kept_nodes() == kept
             assert not [n for n in circuit.const_nodes() if n.site in foldable_sites(circuit)]
     circuit.verify()
-    # dce keeps the nodes and heads that lowering's own fixpoint dead-code elimination keeps. (Their
-    # constants may differ: lowering stops tracking a dead node's residual channel and moves that
-    # channel's constant writes into the norm tables. Biases folded one constant at a time may differ
-    # from biases summed at once in the last float32 bit.)
-    direct = circuit_from_mask(model, mask, **options)
-    assert circuit.kept_nodes() == direct.kept_nodes()
-    assert circuit.heads == direct.heads
+    # Every entry point gives this circuit bit for bit: Circuit.from_mask, and the passes run by the
+    # pass manager on a pipeline state.
+    assert emit(circuit_from_mask(model, mask, **options)) == emit(circuit)
+    state = PipelineState(loaded=LoadedModel(model, ByteTokenizer(), "0" * 64, "random"), task=None,
+                          candidates=case["candidates"], mask=mask, graph=object(),
+                          ablation={"kind": case["ablation"], "fills": fills})
+    if case["norm"] == "live":
+        assert emit(run_pipeline(parse_pipeline_unchecked("lower, fold-constants, dce"), state).circuit) == emit(circuit)
+    # dce keeps the nodes and heads an independent fixpoint dead-code elimination keeps (re-lowering the
+    # shrinking mask; its constants may differ: it stops tracking a dead node's residual channel and
+    # moves that channel's constant writes into the norm tables).
+    oracle = relowered_fixpoint(model, mask, fills, norm=case["norm"], frozen_scales=scales,
+                                candidates=case["candidates"])
+    assert circuit.kept_nodes() == oracle.kept_nodes()
+    assert circuit.heads == oracle.heads
     for node in circuit.kept_nodes():
-        assert circuit.nodes[node].bias == pytest.approx(direct.nodes[node].bias, rel=1e-5, abs=1e-6)
+        assert circuit.nodes[node].bias == pytest.approx(oracle.nodes[node].bias, rel=1e-5, abs=1e-6)
+
+
+def parse_pipeline_unchecked(text):
+    """The calls of a pipeline fragment (parse_pipeline insists on a whole pipeline, trace first)."""
+    from circuitir.passes.manager import PassCall
+    return [PassCall(name.strip(), REGISTRY[name.strip()].options()) for name in text.split(",")]
 
 
 def test_dce_keeps_the_whole_query_and_key_of_a_head_it_keeps():
@@ -340,7 +371,7 @@ def test_dce_keeps_the_whole_query_and_key_of_a_head_it_keeps():
     case = {"config": config, "seed": 0, "density": 0.2, "keep_fraction": 0.1, "ablation": "mean",
             "norm": "live", "seq_len": 1, "candidates": [0]}
     model, means, scales, mask, tokens = build(case)
-    circuit = fold_constants(circuit_from_mask(model, mask, means=means, candidates=[0], dce=False, fold=False))
+    circuit = fold_constants(lower(model, mask, fills_for(model, "mean", means), candidates=[0]))
     keys = [Node("0.attn.k", 2), Node("0.attn.k", 3)]
     assert [circuit.nodes[n].kind for n in keys] == ["kept", "kept"]
     circuit = eliminate_dead_code(circuit, fills_for(model, "mean", means))

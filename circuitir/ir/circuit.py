@@ -33,6 +33,8 @@ from typing import NamedTuple
 import networkx as nx
 import torch
 
+from circuitir.ir.topology import SITES, site_name, width_of
+
 LANGUAGE_VERSION = 1
 
 
@@ -67,28 +69,13 @@ class SiteSpec:
 
 
 def site_specs(config: dict, n_candidates: int = 2) -> list[SiteSpec]:
-    """Every site in forward order (then the logits pseudo-site)."""
-    n_layer, d_model = config["n_layer"], config["d_model"]
-    width = config["n_head"] * config["d_head"]
+    """Every site in forward order (then the logits pseudo-site), from the topology table."""
     locations = set(config["afrac_loctypes"].split(",")) if config.get("afrac") is not None else set()
-
-    def topk(loc):
-        return loc if loc in locations else None
-
-    out = []
-    for layer in range(n_layer):
-        out += [
-            SiteSpec(f"{layer}.attn.act_in", d_model, layer, "attn", "act_in", topk("attn_in")),
-            SiteSpec(f"{layer}.attn.q", width, layer, "attn", "q", topk("attn_q")),
-            SiteSpec(f"{layer}.attn.k", width, layer, "attn", "k", topk("attn_k")),
-            SiteSpec(f"{layer}.attn.v", width, layer, "attn", "v", topk("attn_v")),
-            SiteSpec(f"{layer}.attn.resid_delta", d_model, layer, "attn", "resid_delta", topk("attn_out")),
-            SiteSpec(f"{layer}.mlp.act_in", d_model, layer, "mlp", "act_in", topk("mlp_in")),
-            SiteSpec(f"{layer}.mlp.post_act", config["d_mlp"], layer, "mlp", "post_act", topk("mlp_neuron")),
-            SiteSpec(f"{layer}.mlp.resid_delta", d_model, layer, "mlp", "resid_delta", topk("mlp_out")),
-        ]
-    out.append(SiteSpec("final_resid", d_model, n_layer, "final", "final_resid", None))
-    out.append(SiteSpec("logits", n_candidates, n_layer, "final", "logits", None))
+    out = [SiteSpec(site_name(layer, rule.sublayer, rule.kind), width_of(rule, config), layer, rule.sublayer,
+                    rule.kind, rule.topk if rule.topk in locations else None)
+           for layer in range(config["n_layer"]) for rule in SITES]
+    out.append(SiteSpec("final_resid", config["d_model"], config["n_layer"], "final", "final_resid", None))
+    out.append(SiteSpec("logits", n_candidates, config["n_layer"], "final", "logits", None))
     return out
 
 
@@ -161,6 +148,15 @@ class Circuit:
         return sorted(self.embed)
 
     @property
+    def norm_mode(self) -> str:
+        """``frozen`` when the norms carry constant scales, else ``live``: read off the norms the runtime
+        uses, not the header (whose ``norm`` entry, when present, must agree: see :meth:`verify`)."""
+        final = self.norms.get("final")
+        if final is not None:
+            return "frozen" if final.frozen_scale is not None else "live"
+        return "frozen" if self.header.get("norm") == "frozen" else "live"
+
+    @property
     def n_nodes(self) -> int:
         return len(self.kept_nodes())
 
@@ -184,7 +180,7 @@ class Circuit:
         rank = site_rank(self.config)
         writes = [n for n in self.nodes if specs[n.site].kind == "resid_delta"]
         reads = [n for n, d in self.nodes.items() if specs[n.site].kind in ("act_in", "final_resid")]
-        live_norm = self.header.get("norm", "live") == "live"
+        live_norm = self.norm_mode == "live"
 
         def couples(point: str) -> bool:
             """Whether a norm's statistics depend on the values it reads (live scale, or a LayerNorm mean)."""
@@ -252,15 +248,19 @@ class Circuit:
         return _nan_safe(self.canonical()) == _nan_safe(other.canonical())
 
     # ------------------------------------------------------------ invariants
-    def verify(self) -> None:
-        """Raise :class:`CircuitError` naming the first broken invariant."""
-        check_circuit(self)
+    def verify(self, reachable: bool = True) -> None:
+        """Raise :class:`CircuitError` naming the first broken invariant. ``reachable=False`` skips the one
+        invariant an unfolded, not yet dead-code-eliminated circuit may break (every kept node reaches the
+        output): what the pass manager checks after ``lower`` and ``fold-constants``."""
+        check_circuit(self, reachable)
 
     # ------------------------------------------------------------ construction and use
     @classmethod
     def from_mask(cls, model, mask, **kwargs) -> "Circuit":
+        """``model`` (an nn.Module or a loaded model) with every node outside ``mask`` ablated, as a circuit:
+        lower -> fold-constants -> dce, what the pipeline runs."""
         from circuitir.ir.lower import circuit_from_mask
-        return circuit_from_mask(model, mask, **kwargs)
+        return circuit_from_mask(getattr(model, "model", model), mask, **kwargs)
 
     def text(self) -> str:
         """The circuit as canonical .cir text."""
@@ -297,7 +297,7 @@ class CircuitError(ValueError):
     """A circuit breaks one of its invariants."""
 
 
-def check_circuit(circuit: Circuit) -> None:
+def check_circuit(circuit: Circuit, reachable: bool = True) -> None:
     specs = {s.name: s for s in site_specs(circuit.config, len(circuit.candidates))}
     rank = site_rank(circuit.config)
 
@@ -345,6 +345,11 @@ def check_circuit(circuit: Circuit) -> None:
             if missing:
                 fail(f"head {layer}.attn.head[{head}]: {part} channel {missing[0]} is neither kept nor constant "
                      f"(a head needs its whole query and key)")
+    # Norms: what compile reads to compute every kept residual read.
+    declared = circuit.header.get("norm")
+    if declared is not None and declared != circuit.norm_mode:
+        fail(f"the header's norm mode is {declared!r}, but the norms are {circuit.norm_mode} "
+             f"({'no' if circuit.norm_mode == 'live' else 'a'} frozen scale on the final norm)")
     vocab = circuit.config["vocab_size"]
     for channel, column in circuit.embed.items():
         if tuple(column.shape) != (vocab,):
@@ -355,6 +360,8 @@ def check_circuit(circuit: Circuit) -> None:
                 fail(f"norm {name}: table shape {tuple(table.shape)}, expected ({vocab},)")
     if circuit.bigram is not None and tuple(circuit.bigram.shape) != (vocab, len(circuit.candidates)):
         fail(f"bigram: shape {tuple(circuit.bigram.shape)}, expected ({vocab}, {len(circuit.candidates)})")
+    if not reachable:
+        return
     graph = circuit.graph()
     outputs = [Node("logits", k) for k in range(len(circuit.candidates))]
     reaching = set(outputs)

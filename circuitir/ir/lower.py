@@ -4,8 +4,7 @@ The circuit computes exactly what the model computes with every channel
 outside the mask ablated, while keeping only what that needs:
 
 * A kept node keeps its nonzero incoming weights from *live* nodes (kept, or
-  constant); the inputs from other ablated channels are constants, folded into
-  its bias.
+  constant).
 * An ablated channel stays in the circuit as a ``const`` node only where its
   value cannot be folded: at a site followed by AbsTopK (the top-k sees every
   channel), in the query and key of an attention head the circuit computes
@@ -17,21 +16,23 @@ outside the mask ablated, while keeping only what that needs:
   the token's embedding plus constants, so its share of each norm's statistics
   is a per-token table (``NormData.passive_sq`` / ``passive_sum``).
 
-Then dead-code elimination: kept nodes with no path to the logits (through
-weights, residual edges, attention patterns, norm statistics or top-k
-coupling: see :meth:`Circuit.graph`) are dropped and the circuit rebuilt from
-the smaller mask, until nothing changes. Dropping them cannot change the
-logits, because the graph lists every way a node can influence them.
+``lower`` emits this *unfolded*: every ablated input of a kept node is a
+``const`` node. Folding constants into biases and dropping what does not
+reach the logits are the ``fold-constants`` and ``dce`` passes
+(``passes/circuit_passes.py``), the only implementations of either;
+``circuit_from_mask`` (``Circuit.from_mask``) is lower -> fold -> dce, the
+same functions the pipeline runs. Which matrix reads and writes which site is
+the topology table's (``ir/topology.py``).
 """
 
 from __future__ import annotations
 
-import networkx as nx
 import torch
 
 from circuitir.errors import UserError
 from circuitir.ir.ablation import check_mask, fills_for
 from circuitir.ir.circuit import Circuit, Node, NodeData, NormData, site_specs
+from circuitir.ir.topology import MATRICES, SITES, site_name
 
 F32 = torch.float32
 
@@ -52,8 +53,24 @@ def check_lowerable(model) -> None:
 
 def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict | None = None,
                       norm: str = "live", frozen_scales: dict | None = None, candidates: list[int] | None = None,
-                      header: dict | None = None, dce: bool = True, fold: bool = True) -> Circuit:
-    """Lower ``model`` with ``mask`` ({site: bool[width]}) to a Circuit computing ``candidates``' logits."""
+                      header: dict | None = None) -> Circuit:
+    """``model`` with ``mask`` ({site: bool[width]}) as a Circuit computing ``candidates``' logits:
+    lower, then the fold-constants and dce passes' own functions, exactly what the pipeline runs."""
+    from circuitir.passes.circuit_passes import eliminate_dead_code, fold_constants
+    keep = check_mask(model, mask)
+    fills = fills_for(model, ablation, means)
+    full_header = {"ablation": {"kind": ablation}, **(header or {}), "norm": norm}
+    circuit = lower(model, keep, fills, norm=norm, frozen_scales=frozen_scales, candidates=candidates,
+                    header=full_header)
+    return eliminate_dead_code(fold_constants(circuit), fills)
+
+
+@torch.no_grad()
+def lower(model, keep: dict, fills: dict, *, norm: str = "live", frozen_scales: dict | None = None,
+          candidates: list[int] | None = None, header: dict | None = None) -> Circuit:
+    """Unfolded Circuit IR: every kept node with its nonzero weights from live nodes, and every ablated
+    input of a kept node as a ``const`` node (fold-constants folds what can be folded; dce drops what
+    does not reach the logits)."""
     check_lowerable(model)
     if norm not in ("live", "frozen"):
         raise UserError(f"norm mode must be live or frozen, got {norm!r}")
@@ -61,27 +78,14 @@ def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict 
         raise UserError("the frozen norm mode needs the norms' scales (see circuitir.ir.ablation.norm_scales)")
     if not candidates:
         raise UserError("a circuit needs candidate tokens (the task's answers)")
-    keep = {name: m.clone() for name, m in check_mask(model, mask).items()}
-    fills = fills_for(model, ablation, means)
-    full_header = {"ablation": {"kind": ablation}, "norm": norm, **(header or {})}
-    full_header["norm"] = norm
-    while True:
-        circuit = _lower(model, keep, fills, norm, frozen_scales, list(candidates), full_header, fold)
-        if not dce:
-            return circuit
-        graph = circuit.graph()
-        reaching = set()
-        for k in range(len(candidates)):
-            reaching |= nx.ancestors(graph, Node("logits", k))
-        dead = [n for n in circuit.kept_nodes() if n not in reaching]
-        if not dead:
-            return circuit
-        for node in dead:
-            keep[node.site][node.index] = False
+    keep = {name: torch.as_tensor(m, dtype=torch.bool).clone() for name, m in check_mask(model, keep).items()}
+    # The norm mode decides which dependencies the circuit's graph has (a live norm couples every channel
+    # it reads), so the circuit states it from the start.
+    return _lower(model, keep, fills, norm, frozen_scales, list(candidates), {**(header or {}), "norm": norm})
 
 
 @torch.no_grad()
-def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fold=True) -> Circuit:
+def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> Circuit:
     config = model.config
     cdict = config.to_dict()
     specs = site_specs(cdict, len(candidates))
@@ -96,24 +100,28 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
         if spec.topk is not None:
             const[spec.name] = set(range(spec.width)) - kept[spec.name]
 
-    # Attention heads the circuit computes, and the constants they need.
+    # Attention heads the circuit computes, and the constants they need: a head is computed when one of
+    # its q/k/v channels is kept or one of its v channels feeds a kept write (through the patterns).
     heads: dict[tuple[int, int], float | None] = {}
+    through_heads = [m for m in MATRICES if m.via == "heads"]
     for layer, block in enumerate(blocks):
-        prefix = f"{layer}.attn"
-        w_o = block.attn.c_proj.weight
-        kept_writes = sorted(kept[f"{prefix}.resid_delta"])
-        feeding = (w_o[kept_writes] != 0).any(0) if kept_writes else torch.zeros(w_o.shape[1], dtype=torch.bool)
-        for head in range(config.n_head):
-            channels = range(head * d_head, (head + 1) * d_head)
-            used = any(c in kept[f"{prefix}.{p}"] for p in ("q", "k", "v") for c in channels)
-            used = used or any(bool(feeding[c]) for c in channels)
-            if not used:
-                continue
-            sink = block.attn.attn_imp
-            heads[(layer, head)] = f32(sink.sink_logit[head]) if sink is not None else None
-            for part in ("q", "k"):
-                const[f"{prefix}.{part}"] |= set(channels) - kept[f"{prefix}.{part}"]
-            const[f"{prefix}.v"] |= {c for c in channels if bool(feeding[c])} - kept[f"{prefix}.v"]
+        for matrix in through_heads:
+            src, dst = site_name(layer, matrix.sublayer, matrix.src), site_name(layer, matrix.sublayer, matrix.dst)
+            weight, _ = matrix.weight(block)
+            kept_rows = sorted(kept[dst])
+            feeding = (weight[kept_rows] != 0).any(0) if kept_rows else torch.zeros(weight.shape[1], dtype=torch.bool)
+            prefix = src.rsplit(".", 1)[0]
+            for head in range(config.n_head):
+                channels = range(head * d_head, (head + 1) * d_head)
+                used = any(c in kept[f"{prefix}.{p}"] for p in ("q", "k", "v") for c in channels)
+                used = used or any(bool(feeding[c]) for c in channels)
+                if not used:
+                    continue
+                sink = block.attn.attn_imp
+                heads[(layer, head)] = f32(sink.sink_logit[head]) if sink is not None else None
+                for part in ("q", "k"):
+                    const[f"{prefix}.{part}"] |= set(channels) - kept[f"{prefix}.{part}"]
+                const[src] |= {c for c in channels if bool(feeding[c])} - kept[src]
 
     # Tracked residual channels: read or written by kept nodes (all of them after a top-k'd write).
     tracked = set(kept["final_resid"])
@@ -127,19 +135,17 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
             const[spec.name] |= tracked - kept[spec.name]
     const["final_resid"] = set(range(d_model)) - kept["final_resid"]
 
-    if not fold:
-        # Unfolded: every ablated input of a kept node stays as a constant node (fold-constants folds them).
-        for layer, block in enumerate(blocks):
-            a, m = f"{layer}.attn", f"{layer}.mlp"
-            width = config.n_head * d_head
-            rows = [offset * width + c for offset, part in enumerate("qkv") for c in sorted(kept[f"{a}.{part}"])]
-            for src, weight, dst_rows in ((f"{a}.act_in", block.attn.c_attn.weight, rows),
-                                          (f"{m}.act_in", block.mlp.c_fc.weight, sorted(kept[f"{m}.post_act"])),
-                                          (f"{m}.post_act", block.mlp.c_proj.weight,
-                                           sorted(kept[f"{m}.resid_delta"]))):
-                if dst_rows:
-                    used = torch.nonzero((weight[dst_rows] != 0).any(0)).flatten().tolist()
-                    const[src] |= set(used) - kept[src]
+    # Every ablated input of a kept node stays as a constant node (fold-constants folds them).
+    for layer, block in enumerate(blocks):
+        for matrix in MATRICES:
+            if matrix.via == "heads":
+                continue  # the v channels a computed head carries are constants already (above)
+            src, dst = site_name(layer, matrix.sublayer, matrix.src), site_name(layer, matrix.sublayer, matrix.dst)
+            weight, _ = matrix.weight(block)
+            rows = sorted(kept[dst])
+            if rows:
+                used = torch.nonzero((weight[rows] != 0).any(0)).flatten().tolist()
+                const[src] |= set(used) - kept[src]
 
     def live(site):
         return kept[site] | const[site]
@@ -153,36 +159,28 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
     circuit.heads = heads
 
     def connect(src_site, dst_site, weight, bias):
-        """Edges from live src channels into kept dst channels; ablated inputs fold into the bias."""
+        """Edges from live src channels into kept dst channels (every nonzero input is live: kept or const)."""
         src_live = sorted(live(src_site))
-        src_dead = sorted(set(range(weight.shape[1])) - set(src_live))
         for dst in sorted(kept[dst_site]):
-            folded = bias[dst].double() if bias is not None else torch.zeros((), dtype=torch.float64)
-            if src_dead:
-                folded = folded + (weight[dst, src_dead].double() * fills[src_site][src_dead].double()).sum()
-            circuit.nodes[Node(dst_site, dst)].bias = f32(folded)
+            circuit.nodes[Node(dst_site, dst)].bias = f32(bias[dst]) if bias is not None else 0.0
             row = weight[dst]
             for src in src_live:
                 if row[src] != 0:
                     circuit.edges[(Node(src_site, src), Node(dst_site, dst))] = f32(row[src])
 
     for layer, block in enumerate(blocks):
-        a, m = f"{layer}.attn", f"{layer}.mlp"
-        w_qkv, b_qkv = block.attn.c_attn.weight, block.attn.c_attn.bias
-        width = config.n_head * d_head
-        for offset, part in enumerate(("q", "k", "v")):
-            rows = slice(offset * width, (offset + 1) * width)
-            connect(f"{a}.act_in", f"{a}.{part}", w_qkv[rows], None if b_qkv is None else b_qkv[rows])
-        connect(f"{a}.v", f"{a}.resid_delta", block.attn.c_proj.weight, block.attn.c_proj.bias)
-        connect(f"{m}.act_in", f"{m}.post_act", block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-        connect(f"{m}.post_act", f"{m}.resid_delta", block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-        for site, ln in ((f"{a}.act_in", block.ln_1), (f"{m}.act_in", block.ln_2)):
+        for matrix in MATRICES:
+            connect(site_name(layer, matrix.sublayer, matrix.src), site_name(layer, matrix.sublayer, matrix.dst),
+                    *matrix.weight(block))
+        for rule in SITES:
+            if rule.norm is None:
+                continue
+            norm = getattr(block, rule.norm)
+            site = site_name(layer, rule.sublayer, rule.kind)
             for index in kept[site]:
                 data = circuit.nodes[Node(site, index)]
-                data.gain = f32(ln.weight[index])
-                data.shift = f32(ln.bias[index]) if ln.bias is not None else 0.0
-    # Attention v nodes feed writes through the pattern; v edges into writes of heads not computed
-    # cannot exist (those heads would have been marked used).
+                data.gain = f32(norm.weight[index])
+                data.shift = f32(norm.bias[index]) if norm.bias is not None else 0.0
 
     # Outputs: the unembedding rows of the candidates, with the final norm's gain folded into the
     # weights and its shift into the bias.
@@ -204,17 +202,15 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header, fol
     # sparse columns then print in their sparse form).
     circuit.embed = {c: wte[:, c].to(F32) + 0.0 for c in sorted(tracked)}
     passive = sorted(set(range(d_model)) - tracked)
+    norm_of = {(rule.sublayer, rule.kind): rule.norm for rule in SITES if rule.norm}
     running = wte[:, passive].double()  # value of each passive channel at the current read point
     for spec in specs:
         if spec.kind == "resid_delta":
             running = running + fills[spec.name][passive].double()
-        if spec.kind != "act_in":
+        if spec.kind != "act_in" or not kept[spec.name]:
             continue
         point = spec.name.rsplit(".", 1)[0]
-        layer = spec.layer
-        ln = blocks[layer].ln_1 if spec.sublayer == "attn" else blocks[layer].ln_2
-        if not kept[spec.name]:
-            continue
+        ln = getattr(blocks[spec.layer], norm_of[(spec.sublayer, spec.kind)])
         data = NormData(rms=ln.rms, eps=f32(ln.eps), width=d_model)
         if norm_mode == "frozen":
             data.frozen_scale = f32(frozen_scales[point])

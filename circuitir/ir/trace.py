@@ -17,6 +17,8 @@ import torch
 import torch.fx
 
 from circuitir.ir.circuit import site_specs
+from circuitir.ir.topology import (EMBED, RESIDUAL_READS, RESIDUAL_WRITES, SITES, UNEMBED, matrices_from,
+                                   matrices_into, matrix_name)
 from circuitir.models.gpt import Norm, Site
 
 
@@ -50,24 +52,21 @@ class GraphIR:
                 if node.op == "call_module" and node.target in by_module}
 
 
-# Which weight matrices read and write each kind of site (residual reads go through a norm).
-READS = {"act_in": lambda L, sub: [f"transformer.h.{L}.{sub}.c_attn.weight" if sub == "attn"
-                                   else f"transformer.h.{L}.mlp.c_fc.weight"],
-         "v": lambda L, sub: [f"transformer.h.{L}.attn.c_proj.weight"],
-         "post_act": lambda L, sub: [f"transformer.h.{L}.mlp.c_proj.weight"],
-         "final_resid": lambda L, sub: ["lm_head.weight"]}
-WRITES = {"q": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
-          "k": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
-          "v": lambda L, sub: [f"transformer.h.{L}.attn.c_attn.weight"],
-          "post_act": lambda L, sub: [f"transformer.h.{L}.mlp.c_fc.weight"],
-          "resid_delta": lambda L, sub: [f"transformer.h.{L}.{sub}.c_proj.weight"]}
+def readers_and_writers(spec) -> tuple[list[str], list[str]]:
+    """The weight matrices reading and writing a site (residual reads: everything written before them)."""
+    if spec.kind == "final_resid":
+        return [UNEMBED], residual_writers(spec.layer, "final")
+    readers = list(dict.fromkeys(matrix_name(spec.layer, m) for m in matrices_from(spec.sublayer, spec.kind)))
+    if spec.kind in RESIDUAL_READS:
+        return readers, residual_writers(spec.layer, spec.sublayer)
+    return readers, list(dict.fromkeys(matrix_name(spec.layer, m) for m in matrices_into(spec.sublayer, spec.kind)))
 
 
 def residual_writers(layer: int, sublayer: str) -> list[str]:
-    """Everything written to the residual stream before a read: the embedding and earlier c_proj's."""
-    earlier = [(L, s) for L in range(layer + 1) for s in ("attn", "mlp")
-               if L < layer or (s == "attn" and sublayer == "mlp")]
-    return ["transformer.wte.weight"] + [f"transformer.h.{L}.{s}.c_proj.weight" for L, s in earlier]
+    """Everything written to the residual stream before a read: the embedding and earlier writes."""
+    order = [(L, rule.sublayer) for L in range(layer + 1) for rule in SITES if rule.kind in RESIDUAL_WRITES]
+    before = [(L, s) for L, s in order if L < layer or (s == "attn" and sublayer == "mlp")]
+    return [EMBED] + [matrix_name(L, m) for L, s in before for m in matrices_into(s, "resid_delta")]
 
 
 def trace(model) -> GraphIR:
@@ -78,15 +77,8 @@ def trace(model) -> GraphIR:
     for spec in site_specs(model.config.to_dict()):
         if spec.kind == "logits":
             continue
-        sub = spec.sublayer
-        info = SiteInfo(spec.name, spec.width, paths[spec.name])
-        if spec.kind in READS:
-            info.readers = READS[spec.kind](spec.layer, sub)
-        if spec.kind in WRITES:
-            info.writers = WRITES[spec.kind](spec.layer, sub)
-        elif spec.kind in ("act_in", "final_resid"):
-            info.writers = residual_writers(spec.layer, sub)
-        sites[spec.name] = info
+        readers, writers = readers_and_writers(spec)
+        sites[spec.name] = SiteInfo(spec.name, spec.width, paths[spec.name], readers, writers)
     nonzeros = {name: (int((p != 0).sum()), p.numel()) for name, p in model.sparse_parameters().items()}
     module_path = {id(module): path for path, module in model.named_modules()}
     norms = {point: module_path[id(norm)] for point, norm in model.norms().items()}

@@ -1,12 +1,20 @@
-"""Passes from a node mask to a clean Circuit IR: lower, fold-constants, dce."""
+"""Passes from a node mask to a clean Circuit IR: lower, fold-constants, dce.
+
+These are the only implementations of folding and dead-code elimination:
+``Circuit.from_mask`` calls the same functions, so a mask gives the same
+circuit, bit for bit, from either entry point.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
+import torch
 
 from circuitir.ir.circuit import Circuit, Node, NodeData, site_specs
+from circuitir.ir.topology import MATRICES
 from circuitir.passes.manager import PipelineState, register
 
 
@@ -15,39 +23,46 @@ class NoOptions:
     pass
 
 
-@register("lower", NoOptions, needs=("mask",), provides=("circuit",),
-          summary="read the kept channels, their nonzero weights and the ablated inputs off the masked model")
-def lower(state: PipelineState, options: NoOptions) -> None:
-    from circuitir.ir.lower import circuit_from_mask
-    ablation = state.ablation
-    state.circuit = circuit_from_mask(state.loaded.model, state.mask, ablation=ablation["kind"],
-                                      means=ablation["fills"], candidates=state.candidates,
-                                      header={}, dce=False, fold=False)
+@register("lower", NoOptions, needs=("graph", "mask"), provides=("circuit",),
+          summary="read the kept channels, their nonzero weights and every ablated input (as constants) off the model")
+def lower_pass(state: PipelineState, options: NoOptions) -> None:
+    from circuitir.ir.lower import lower
+    state.circuit = lower(state.loaded.model, state.mask, state.ablation["fills"], candidates=state.candidates,
+                          header={"ablation": {"kind": state.ablation["kind"]}, "norm": "live"})
 
 
 def foldable_sites(circuit: Circuit) -> set[str]:
-    """Sites whose constants feed only linear maps into kept nodes: act_in and post_act without AbsTopK."""
+    """Sites whose constants reach kept nodes only through linear maps: the sources of the topology
+    table's direct and activation matrices (not through attention heads), without AbsTopK after them."""
+    sources = {(m.sublayer, m.src) for m in MATRICES if m.via != "heads"}
     return {s.name for s in site_specs(circuit.config, len(circuit.candidates))
-            if s.kind in ("act_in", "post_act") and s.topk is None}
+            if (s.sublayer, s.kind) in sources and s.topk is None}
 
 
 def fold_constants(circuit: Circuit) -> Circuit:
-    """Fold every foldable constant into the biases of the nodes it feeds, and drop it."""
+    """Fold every foldable constant into the biases of the nodes it feeds, and drop it.
+
+    Each bias becomes float32(bias + Σ weight·value), the sum exactly rounded (``math.fsum`` of the
+    float32 products, which are exact in float64), so the result does not depend on the order of the
+    constants or on which entry point made the circuit."""
     sites = foldable_sites(circuit)
-    folded = [n for n, d in circuit.nodes.items() if d.kind == "const" and n.site in sites]
+    folded = {n for n, d in circuit.nodes.items() if d.kind == "const" and n.site in sites}
+    terms: dict = {}
     for (src, dst), weight in list(circuit.edges.items()):
         if src in folded:
-            data = circuit.nodes[dst]
-            data.bias = _f32(data.bias + _f32(weight) * circuit.nodes[src].value)
+            terms.setdefault(dst, []).append(weight * circuit.nodes[src].value)
             del circuit.edges[(src, dst)]
+    for dst, products in terms.items():
+        data = circuit.nodes[dst]
+        data.bias = _f32(math.fsum([data.bias, *products]))
     for node in folded:
         del circuit.nodes[node]
     return circuit
 
 
 def _f32(x: float) -> float:
-    import torch
-    return float(torch.tensor(x, dtype=torch.float32))
+    """The float32 nearest ``x`` as a Python float, never -0.0 (circuits print no signed zeros)."""
+    return float(torch.tensor(x, dtype=torch.float32)) + 0.0
 
 
 @register("fold-constants", NoOptions, needs=("circuit",), provides=("circuit",),

@@ -157,6 +157,23 @@ def pipeline_text(calls: list[PassCall], explicit: bool = False) -> str:
 
 
 def run_pipeline(calls: list[PassCall], state: PipelineState) -> PipelineState:
+    """Run the passes in order, verifying the IR after each one (as xDSL does): a broken invariant is
+    reported with the name of the pass that broke it."""
     for call in calls:
         REGISTRY[call.name].run(state, call.options)
+        verify_state(state, call.name)
     return state
+
+
+def verify_state(state: PipelineState, pass_name: str) -> None:
+    """The Graph IR must lint (every node defined before use); a circuit must keep its invariants, and
+    once dead code is eliminated every kept node must reach the output."""
+    from circuitir.ir.circuit import CircuitError
+    try:
+        graph = getattr(state.graph, "graph_module", None)
+        if graph is not None:
+            graph.graph.lint()
+        if state.circuit is not None:
+            state.circuit.verify(reachable=pass_name == "dce")
+    except (CircuitError, RuntimeError) as exc:
+        raise UserError(f"pass {pass_name} left an invalid IR: {exc}") from None

@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from circuitir.ir.circuit import Circuit, Node, site_specs
+from circuitir.ir.topology import MATRICES
 from circuitir.models.gpt import AbsTopK, topk_k
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -64,7 +65,7 @@ class CircuitModule(nn.Module):
         self.n_layer = config["n_layer"]
         self.d_head = config["d_head"]
         self.scale = config["d_head"] ** -0.5
-        self.norm_mode = circuit.header.get("norm", "live")
+        self.norm_mode = circuit.norm_mode
         calibration = circuit.header.get("calibration", {})
         self.logit_scale = float(calibration.get("scale", 1.0))
         self.logit_shift = float(calibration.get("shift", 0.0))
@@ -130,11 +131,14 @@ class CircuitModule(nn.Module):
                                  else torch.zeros(vocab))
                 write = f"{prefix}.resid_delta"
                 self._buffer(f"{_key(prefix)}_write_pos", positions(write, self.live[write]))
+                # The sublayer's matrices, from the topology table; those that reach their output
+                # through attention heads are assembled with the heads below.
+                for m in MATRICES:
+                    if m.sublayer == sub and m.via != "heads":
+                        w, b = matrix(f"{prefix}.{m.src}", f"{prefix}.{m.dst}")
+                        self._buffer(f"{_key(prefix)}_w_{m.dst}", w)
+                        self._buffer(f"{_key(prefix)}_b_{m.dst}", b)
                 if sub == "attn":
-                    for part in ("q", "k", "v"):
-                        w, b = matrix(read, f"{prefix}.{part}")
-                        self._buffer(f"{_key(prefix)}_w{part}", w)
-                        self._buffer(f"{_key(prefix)}_b{part}", b)
                     heads = sorted(h for (L, h) in circuit.heads if L == layer)
                     entry["heads"] = heads
                     q_live = {c: i for i, c in enumerate(self.live[f"{prefix}.q"])}
@@ -161,19 +165,13 @@ class CircuitModule(nn.Module):
                     entry["sink"] = bool(sinks) and sinks[0] is not None
                     self._buffer(f"{_key(prefix)}_sink", torch.tensor(
                         [s if s is not None else 0.0 for s in sinks], dtype=torch.float32))
-                    # Output weights read z of the used v channels.
-                    w_o, b_o = matrix(f"{prefix}.v", write)
+                    # Output weights (the table's through-heads matrix) read z of the used v channels.
+                    (through,) = [m for m in MATRICES if m.sublayer == sub and m.via == "heads"]
+                    w_o, b_o = matrix(f"{prefix}.{through.src}", f"{prefix}.{through.dst}")
                     used_cols = torch.tensor([v_live[c] for c in v_used], dtype=torch.long)
-                    self._buffer(f"{_key(prefix)}_wo", w_o[:, used_cols] if len(v_used) else
+                    self._buffer(f"{_key(prefix)}_w_{through.dst}", w_o[:, used_cols] if len(v_used) else
                                  torch.zeros(len(self.kept[write]), 0))
-                    self._buffer(f"{_key(prefix)}_bo", b_o)
-                else:
-                    w, b = matrix(read, f"{prefix}.post_act")
-                    self._buffer(f"{_key(prefix)}_wfc", w)
-                    self._buffer(f"{_key(prefix)}_bfc", b)
-                    w, b = matrix(f"{prefix}.post_act", write)
-                    self._buffer(f"{_key(prefix)}_wproj", w)
-                    self._buffer(f"{_key(prefix)}_bproj", b)
+                    self._buffer(f"{_key(prefix)}_b_{through.dst}", b_o)
                 self.layers.append(entry)
         self.act = ACTIVATIONS[config["activation_type"]]()
 
@@ -234,11 +232,10 @@ class CircuitModule(nn.Module):
             write_site = self.site(f"{prefix}.resid_delta")
             if prefix.endswith("attn") and not entry["heads"]:
                 # No head computed: every write of this sublayer is its folded bias.
-                delta = write_site(self.buf(prefix, "bo") + zero, zero)
+                delta = write_site(self.buf(prefix, "b_resid_delta") + zero, zero)
             elif prefix.endswith("attn"):
-                q = self.site(f"{prefix}.q")(x @ self.buf(prefix, "wq").T + self.buf(prefix, "bq"), zero)
-                k = self.site(f"{prefix}.k")(x @ self.buf(prefix, "wk").T + self.buf(prefix, "bk"), zero)
-                v = self.site(f"{prefix}.v")(x @ self.buf(prefix, "wv").T + self.buf(prefix, "bv"), zero)
+                q, k, v = (self.site(f"{prefix}.{part}")(x @ self.buf(prefix, f"w_{part}").T
+                                                         + self.buf(prefix, f"b_{part}"), zero) for part in "qkv")
                 qh = take(q, self.buf(prefix, "qidx")).transpose(1, 2) * self.scale  # (B, H, T, D)
                 kh = take(k, self.buf(prefix, "kidx")).transpose(1, 2)
                 scores = qh @ kh.transpose(-2, -1)  # scaled through q: a (T, D) product, not (T, T)
@@ -252,11 +249,11 @@ class CircuitModule(nn.Module):
                 v_padded = take(torch.cat([v, zero * 0], dim=-1), self.buf(prefix, "vpad"))  # (B, T, H, C)
                 z = (pattern @ v_padded.transpose(1, 2)).transpose(1, 2).flatten(-2)  # (B, T, H*C)
                 z = take(z, self.buf(prefix, "zidx"))  # (B, T, used v channels)
-                delta = write_site(z @ self.buf(prefix, "wo").T + self.buf(prefix, "bo"), zero)
+                delta = write_site(z @ self.buf(prefix, "w_resid_delta").T + self.buf(prefix, "b_resid_delta"), zero)
             else:
-                hidden = self.act(x @ self.buf(prefix, "wfc").T + self.buf(prefix, "bfc"))
+                hidden = self.act(x @ self.buf(prefix, "w_post_act").T + self.buf(prefix, "b_post_act"))
                 post = self.site(f"{prefix}.post_act")(hidden, zero)
-                delta = write_site(post @ self.buf(prefix, "wproj").T + self.buf(prefix, "bproj"), zero)
+                delta = write_site(post @ self.buf(prefix, "w_resid_delta").T + self.buf(prefix, "b_resid_delta"), zero)
             resid = resid.index_add(-1, self.buf(prefix, "write_pos"), delta)
         # Live final_resid channels; any channel left out is one the final norm's statistics do not
         # depend on (frozen RMS scale), so sums divide by the full width.
