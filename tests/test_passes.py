@@ -29,6 +29,7 @@ from circuitir.grammar import emit, parse
 from circuitir.ir.ablation import ablate, fills_for, site_means
 from circuitir.ir.circuit import CircuitError, Node
 from circuitir.ir.lower import circuit_from_mask, lower
+from circuitir.ir.trace import trace
 from circuitir.models.checkpoint import LoadedModel
 from circuitir.models.config import GPTConfig
 from circuitir.models.gpt import SparseGPT
@@ -191,15 +192,24 @@ def stages():
     return {"lower": lowered, "fold": folded, "dce": live}, tokens, reference, (model, means, mask, scales)
 
 
+GOLDEN_FILES = {"lower": (None, "lower"), "fold": ("lower", "fold-constants"), "dce": ("fold", "dce")}
+
+
 @pytest.mark.parametrize("stage", ["lower", "fold", "dce"])
 def test_golden_text(stage, stages):
-    text = emit(stages[0][stage])
-    path = GOLDEN / f"{stage}.cir"
-    if UPDATE:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with CIRCUITIR_UPDATE_GOLDEN=1 once and read it"
-    assert text == path.read_text(), f"{stage} output differs from {path} (diff them; update deliberately)"
+    """tests/golden/<pass>/one_layer.expected.cir is the pass's output on the golden case, and
+    one_layer.input.cir what it ran on (the previous stage's output)."""
+    before, folder = GOLDEN_FILES[stage]
+    files = {"expected": emit(stages[0][stage])}
+    if before is not None:
+        files["input"] = emit(stages[0][before])
+    for kind, text in files.items():
+        path = GOLDEN / folder / f"one_layer.{kind}.cir"
+        if UPDATE:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        assert path.exists(), f"{path} missing: run with CIRCUITIR_UPDATE_GOLDEN=1 once and read it"
+        assert text == path.read_text(), f"{stage} {kind} differs from {path} (diff them; update deliberately)"
 
 
 @pytest.mark.parametrize("stage", ["lower", "fold", "dce"])
@@ -340,7 +350,7 @@ def fold_and_dce_preserve_logits(case):
     # pass manager on a pipeline state.
     assert emit(circuit_from_mask(model, mask, **options)) == emit(circuit)
     state = PipelineState(loaded=LoadedModel(model, ByteTokenizer(), "0" * 64, "random"), task=None,
-                          candidates=case["candidates"], mask=mask, graph=object(),
+                          candidates=case["candidates"], mask=mask, graph=trace(model),
                           ablation={"kind": case["ablation"], "fills": fills})
     if case["norm"] == "live":
         assert emit(run_pipeline(parse_pipeline_unchecked("lower, fold-constants, dce"), state).circuit) == emit(circuit)

@@ -15,26 +15,34 @@ import torch
 
 from circuitir.errors import UserError
 from circuitir.ir.masked import ablate, graph_of, with_recordings  # noqa: F401  (ablate: the reference)
+from circuitir.ir.trace import GraphIR
 
 ABLATIONS = ("mean", "zero", "resample")
 NORM_MODES = ("live", "frozen")
 
 
-def full_mask(model, value: bool = True) -> dict[str, torch.Tensor]:
-    return {name: torch.full((site.width,), value, dtype=torch.bool) for name, site in model.sites().items()}
+def site_widths(model_or_graph) -> dict[str, int]:
+    """Every site's width, in forward order, from a traced GraphIR's site table or a model."""
+    if isinstance(model_or_graph, GraphIR):
+        return {name: info.width for name, info in model_or_graph.sites.items()}
+    return {name: site.width for name, site in model_or_graph.sites().items()}
 
 
-def check_mask(model, mask: dict) -> dict[str, torch.Tensor]:
+def full_mask(model_or_graph, value: bool = True) -> dict[str, torch.Tensor]:
+    return {name: torch.full((width,), value, dtype=torch.bool) for name, width in site_widths(model_or_graph).items()}
+
+
+def check_mask(model_or_graph, mask: dict) -> dict[str, torch.Tensor]:
     """Complete a partial mask (missing sites keep nothing) and check names and shapes."""
-    sites = model.sites()
-    unknown = set(mask) - set(sites)
+    widths = site_widths(model_or_graph)
+    unknown = set(mask) - set(widths)
     if unknown:
-        raise UserError(f"mask names unknown site {sorted(unknown)[0]!r} (sites: {', '.join(sites)})")
+        raise UserError(f"mask names unknown site {sorted(unknown)[0]!r} (sites: {', '.join(widths)})")
     out = {}
-    for name, site in sites.items():
-        keep = torch.as_tensor(mask.get(name, torch.zeros(site.width, dtype=torch.bool)), dtype=torch.bool)
-        if keep.shape != (site.width,):
-            raise UserError(f"mask for {name} has shape {tuple(keep.shape)}, expected ({site.width},)")
+    for name, width in widths.items():
+        keep = torch.as_tensor(mask.get(name, torch.zeros(width, dtype=torch.bool)), dtype=torch.bool)
+        if keep.shape != (width,):
+            raise UserError(f"mask for {name} has shape {tuple(keep.shape)}, expected ({width},)")
         out[name] = keep
     return out
 
@@ -81,11 +89,12 @@ def norm_scales(model_or_graph, tokens: torch.Tensor, batch_size: int = 64) -> d
     return {name: float(torch.tensor(total / max(count, 1), dtype=torch.float32)) for name, total in totals.items()}
 
 
-def fills_for(model, ablation: str, means: dict | None) -> dict[str, torch.Tensor]:
+def fills_for(model_or_graph, ablation: str, means: dict | None) -> dict[str, torch.Tensor]:
+    widths = site_widths(model_or_graph)
     if ablation == "zero":
-        return {name: torch.zeros(site.width) for name, site in model.sites().items()}
+        return {name: torch.zeros(width) for name, width in widths.items()}
     if ablation == "mean":
         if means is None:
             raise UserError("mean ablation needs per-site means (see circuitir.ir.ablation.site_means)")
-        return {name: torch.as_tensor(means[name], dtype=torch.float32) for name in model.sites()}
+        return {name: torch.as_tensor(means[name], dtype=torch.float32) for name in widths}
     raise UserError(f"ablation {ablation!r} has no constant stand-in values; circuits support: mean, zero")

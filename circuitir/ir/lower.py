@@ -31,6 +31,8 @@ import torch
 
 from circuitir.errors import UserError
 from circuitir.ir.ablation import check_mask, fills_for
+from circuitir.ir.masked import graph_of
+from circuitir.ir.trace import GraphIR
 from circuitir.ir.circuit import Circuit, Node, NodeData, NormData, site_specs
 from circuitir.ir.topology import MATRICES, SITES, site_name
 
@@ -42,8 +44,8 @@ def f32(x) -> float:
     return float(torch.tensor(float(x), dtype=F32)) + 0.0  # + 0.0: no -0.0 in circuits
 
 
-def check_lowerable(model) -> None:
-    config = model.config
+def check_lowerable(graph_ir: GraphIR) -> None:
+    config, model = graph_ir.config, graph_ir.graph_module
     if config.residual_activation_type != "identity":
         raise UserError("circuits need residual_activation_type=identity (a ReLU on the residual stream "
                         "couples every channel)")
@@ -57,43 +59,46 @@ def circuit_from_mask(model, mask: dict, *, ablation: str = "mean", means: dict 
     """``model`` with ``mask`` ({site: bool[width]}) as a Circuit computing ``candidates``' logits:
     lower, then the fold-constants and dce passes' own functions, exactly what the pipeline runs."""
     from circuitir.passes.circuit_passes import eliminate_dead_code, fold_constants
-    keep = check_mask(model, mask)
-    fills = fills_for(model, ablation, means)
+    graph_ir = graph_of(model)
+    keep = check_mask(graph_ir, mask)
+    fills = fills_for(graph_ir, ablation, means)
     full_header = {"ablation": {"kind": ablation}, **(header or {}), "norm": norm}
-    circuit = lower(model, keep, fills, norm=norm, frozen_scales=frozen_scales, candidates=candidates,
+    circuit = lower(graph_ir, keep, fills, norm=norm, frozen_scales=frozen_scales, candidates=candidates,
                     header=full_header)
     return eliminate_dead_code(fold_constants(circuit), fills)
 
 
 @torch.no_grad()
-def lower(model, keep: dict, fills: dict, *, norm: str = "live", frozen_scales: dict | None = None,
+def lower(model_or_graph, keep: dict, fills: dict, *, norm: str = "live", frozen_scales: dict | None = None,
           candidates: list[int] | None = None, header: dict | None = None) -> Circuit:
     """Unfolded Circuit IR: every kept node with its nonzero weights from live nodes, and every ablated
     input of a kept node as a ``const`` node (fold-constants folds what can be folded; dce drops what
-    does not reach the logits)."""
-    check_lowerable(model)
+    does not reach the logits). The weights are read off the traced GraphModule (``trace``'s output;
+    a model is traced first), which shares them with the model."""
+    graph_ir = graph_of(model_or_graph)
+    check_lowerable(graph_ir)
     if norm not in ("live", "frozen"):
         raise UserError(f"norm mode must be live or frozen, got {norm!r}")
     if norm == "frozen" and frozen_scales is None:
         raise UserError("the frozen norm mode needs the norms' scales (see circuitir.ir.ablation.norm_scales)")
     if not candidates:
         raise UserError("a circuit needs candidate tokens (the task's answers)")
-    keep = {name: torch.as_tensor(m, dtype=torch.bool).clone() for name, m in check_mask(model, keep).items()}
+    keep = {name: torch.as_tensor(m, dtype=torch.bool).clone() for name, m in check_mask(graph_ir, keep).items()}
     # The norm mode decides which dependencies the circuit's graph has (a live norm couples every channel
     # it reads), so the circuit states it from the start.
-    return _lower(model, keep, fills, norm, frozen_scales, list(candidates), {**(header or {}), "norm": norm})
+    return _lower(graph_ir, keep, fills, norm, frozen_scales, list(candidates), {**(header or {}), "norm": norm})
 
 
 @torch.no_grad()
-def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> Circuit:
-    config = model.config
+def _lower(graph_ir, keep, fills, norm_mode, frozen_scales, candidates, header) -> Circuit:
+    config, model = graph_ir.config, graph_ir.graph_module
     cdict = config.to_dict()
     specs = site_specs(cdict, len(candidates))
     spec_of = {s.name: s for s in specs}
     d_model, d_head = config.d_model, config.d_head
     kept = {name: set(torch.nonzero(m).flatten().tolist()) for name, m in keep.items()}
     const: dict[str, set[int]] = {name: set() for name in kept}
-    blocks = model.transformer.h
+    blocks = [model.get_submodule(f"transformer.h.{layer}") for layer in range(config.n_layer)]
 
     # Sites followed by AbsTopK: the top-k sees every channel.
     for spec in specs:
@@ -117,7 +122,7 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> 
                 used = used or any(bool(feeding[c]) for c in channels)
                 if not used:
                     continue
-                sink = block.attn.attn_imp
+                sink = getattr(block.attn, "attn_imp", None)
                 heads[(layer, head)] = f32(sink.sink_logit[head]) if sink is not None else None
                 for part in ("q", "k"):
                     const[f"{prefix}.{part}"] |= set(channels) - kept[f"{prefix}.{part}"]
@@ -223,6 +228,6 @@ def _lower(model, keep, fills, norm_mode, frozen_scales, candidates, header) -> 
         final.frozen_scale = f32(frozen_scales["final"])
     circuit.norms["final"] = final
 
-    if model.bigram_table is not None:
+    if getattr(model, "bigram_table", None) is not None:
         circuit.bigram = model.bigram_table[:, candidates].to(F32) + 0.0
     return circuit

@@ -44,6 +44,7 @@ class GraphIR:
     sites: dict[str, SiteInfo]
     nonzeros: dict[str, tuple[int, int]]  # matrix -> (nonzero, total)
     norms: dict[str, str] = field(default_factory=dict)  # norm point ({L}.attn, {L}.mlp, final) -> module path
+    config: object = None  # the model's GPTConfig
 
     def site_nodes(self) -> dict[str, torch.fx.Node]:
         """The fx node of every site, by site name."""
@@ -82,7 +83,7 @@ def trace(model) -> GraphIR:
     nonzeros = {name: (int((p != 0).sum()), p.numel()) for name, p in model.sparse_parameters().items()}
     module_path = {id(module): path for path, module in model.named_modules()}
     norms = {point: module_path[id(norm)] for point, norm in model.norms().items()}
-    return GraphIR(graph_module, sites, nonzeros, norms)
+    return GraphIR(graph_module, sites, nonzeros, norms, model.config)
 
 
 def summary(model, graph_ir: GraphIR | None = None) -> dict:

@@ -1,10 +1,13 @@
 """Ablation passes: choose what every channel outside the circuit is replaced by.
 
-``mean-ablate`` measures per-channel means at every site, over the
-pretraining corpus (default) or the task's train prompts, and installs them as
-the sites' fill values (``x*m + mean*(1-m)`` once a mask is set). Means are
-cached on disk per (model hash, corpus hash, token count, seed), so a second
-extraction does not recompute them. ``zero-ablate`` fills with zeros.
+``mean-ablate`` measures per-channel means at every site (a recording
+rewrite of the traced graph, ``ir/masked.py: with_recordings``), over the
+pretraining corpus (default) or the task's train prompts, and records them in
+the pipeline state as the fill values every masked graph built from it uses
+(``x*m + mean*(1-m)``, inserted after each site node by ``mask_graph``).
+Nothing is set on the model. Means are cached on disk per (model hash,
+corpus hash, token count, seed), so a second extraction does not recompute
+them. ``zero-ablate`` fills with zeros.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def corpus_windows(corpus_tokens: torch.Tensor, block_size: int, n_tokens: int, 
     return torch.stack([corpus_tokens[s:s + block_size].long() for s in starts])
 
 
-def pretrain_means(loaded, tokens: int, seed: int) -> tuple[dict, dict]:
+def pretrain_means(loaded, tokens: int, seed: int, graph_ir=None) -> tuple[dict, dict]:
     """Per-site means over ``tokens`` corpus tokens, from the cache when possible."""
     from circuitir.data.corpus import load_corpus
     from circuitir.models.checkpoint import atomic_path
@@ -55,19 +58,19 @@ def pretrain_means(loaded, tokens: int, seed: int) -> tuple[dict, dict]:
         except Exception:
             path.unlink(missing_ok=True)  # a broken cache entry is recomputed
     windows = corpus_windows(corpus.train, loaded.config.block_size, tokens, seed)
-    means = site_means(loaded.model, windows)
+    means = site_means(graph_ir if graph_ir is not None else loaded.model, windows)
     with atomic_path(path) as temp:
         torch.save(means, temp)
     return means, {**info, "cached": False}
 
 
-def task_means(loaded, task, tokens: int, seed: int) -> tuple[dict, dict]:
+def task_means(loaded, task, tokens: int, seed: int, graph_ir=None) -> tuple[dict, dict]:
     from circuitir.tasks.evaluate import encode_examples
     n = max(16, tokens // 32)
     batch = encode_examples(task, task.examples("train", n, seed + 7), loaded.tokenizer, loaded.config.block_size)
     # Only real (unpadded) positions count.
     from circuitir.ir.ablation import record_sites
-    recorded = record_sites(loaded.model, batch.tokens)
+    recorded = record_sites(graph_ir if graph_ir is not None else loaded.model, batch.tokens)
     valid = (torch.arange(batch.tokens.shape[1])[None, :] <= batch.last[:, None]).flatten()
     means = {name: values[valid].double().mean(0).float() for name, values in recorded.items()}
     return means, {"over": "task", "tokens": int(valid.sum())}
@@ -105,9 +108,9 @@ class MeanOptions:
           summary="replace channels outside the circuit by their mean (pretraining corpus or task prompts)")
 def mean_ablate(state: PipelineState, options: MeanOptions) -> None:
     if options.over == "pretrain":
-        means, info = pretrain_means(state.loaded, options.tokens, state.seed)
+        means, info = pretrain_means(state.loaded, options.tokens, state.seed, state.graph)
     else:
-        means, info = task_means(state.loaded, state.task, options.tokens, state.seed)
+        means, info = task_means(state.loaded, state.task, options.tokens, state.seed, state.graph)
     state.ablation = {"kind": "mean", "fills": means, "means": means, **info}
 
 
@@ -119,7 +122,7 @@ class NoOptions:
 @register("zero-ablate", NoOptions, needs=("graph",), provides=("ablation",),
           summary="replace channels outside the circuit by zero")
 def zero_ablate(state: PipelineState, options: NoOptions) -> None:
-    fills = {name: torch.zeros(site.width) for name, site in state.loaded.model.sites().items()}
+    fills = {name: torch.zeros(info.width) for name, info in state.graph.sites.items()}
     state.ablation = {"kind": "zero", "fills": fills, "means": fills}
 
 

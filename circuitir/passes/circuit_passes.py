@@ -27,7 +27,7 @@ class NoOptions:
           summary="read the kept channels, their nonzero weights and every ablated input (as constants) off the model")
 def lower_pass(state: PipelineState, options: NoOptions) -> None:
     from circuitir.ir.lower import lower
-    state.circuit = lower(state.loaded.model, state.mask, state.ablation["fills"], candidates=state.candidates,
+    state.circuit = lower(state.graph, state.mask, state.ablation["fills"], candidates=state.candidates,
                           header={"ablation": {"kind": state.ablation["kind"]}, "norm": "live"})
 
 
