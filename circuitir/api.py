@@ -59,11 +59,13 @@ def extract(model, task, *, target_loss: float | None = None, pipeline: str | No
 
 
 def check(circuit: Circuit, model, *, n: int = 256, seed: int = 0, necessity_loss: float | None = None,
-          control: bool = True, progress: bool = False) -> dict:
-    """Sufficiency, necessity, minimality and faithfulness of ``circuit`` against the model it came from."""
+          control: bool = True, nonsense: bool = False, progress: bool = False) -> dict:
+    """Sufficiency, necessity, minimality and faithfulness of ``circuit`` against the model it came from,
+    and the controls (faithfulness curve with CPR/CMD, random circuits, partial ablation; the shuffled-label
+    task with ``nonsense``)."""
     from circuitir.runtime.check import CHANCE
     from circuitir.runtime.check import check as run_check
-    return run_check(circuit, load_model(model), n=n, seed=seed, control=control, progress=progress,
+    return run_check(circuit, load_model(model), n=n, seed=seed, control=control, progress=progress, nonsense=nonsense,
                      necessity_loss=CHANCE / 2 if necessity_loss is None else necessity_loss)
 
 

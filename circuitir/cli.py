@@ -228,7 +228,7 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     result = check(circuit, load(args.model), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
-                   control=not args.no_control, progress=show_progress(args))
+                   control=not args.no_control, progress=show_progress(args), nonsense=args.nonsense)
     if args.json:
         print_json(result)
     else:
@@ -257,11 +257,28 @@ def format_check(result: dict) -> str:
         detail = (f"found {c['nodes']} nodes (circuit: {c['circuit_nodes']})" if c["reached_target"]
                   else "cannot reach the target")
         lines.append(f"{'':20s} random re-initialised control: {detail}")
+    if "controls" in result:
+        lines += format_controls(result["controls"], s["target_loss"])
     unnecessary = [row for row in m["nodes"] if not row["necessary"]]
     for row in unnecessary[:10]:
         lines.append(f"{'':20s} not necessary: {row['node']} (loss without it {row['loss_without']:.4f})")
     lines.append("all claims hold" if result["passed"] else "some claims FAIL")
     return "\n".join(lines)
+
+
+def format_controls(controls: dict, target: float) -> list[str]:
+    curve, rand, partial = (controls[k] for k in ("faithfulness_curve", "random_circuits", "partial_ablation"))
+    lines = [f"{'controls':13s} {'':6s} faithfulness curve over {len(curve['sizes']) - 1} nodes "
+             f"(most important first): CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f}",
+             f"{'':20s} {rand['draws']} random circuits of {rand['size']} nodes: loss {rand['min_loss']:.4f} at best, "
+             f"{rand['mean_loss']:.4f} on average; {rand['reach_target']} reach the target {target}",
+             f"{'':20s} half the outside nodes ablated ({partial['draws']} draws): loss up to "
+             f"{partial['max_loss']:.4f}, {partial['within_target']}/{partial['draws']} within the target"]
+    if "nonsense_task" in controls:
+        n = controls["nonsense_task"]
+        lines.append(f"{'':20s} shuffled-label task: " + (f"found {n['nodes']} nodes" if n["reached_target"]
+                                                         else "the extraction cannot reach the target"))
+    return lines
 
 
 def cmd_diff(args) -> int:
@@ -395,9 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--necessity-loss", type=float, default=0.5 * 0.6931471805599453,
                    help="loss the model without the circuit must reach [default: ln(2)/2]")
     p.add_argument("--no-control", action="store_true", help="skip the random re-initialised model control")
+    p.add_argument("--nonsense", action="store_true",
+                   help="also run the extraction on the task with shuffled labels (an extraction's time)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
-                   help="print {sufficiency, necessity, minimality, faithfulness, passed}")
+                   help="print {sufficiency, necessity, minimality, faithfulness, controls, passed}")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("run", help="run a circuit on prompts, without the model",

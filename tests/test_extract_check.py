@@ -167,9 +167,17 @@ def checked(extracted, setup):
 def test_check_reports_every_claim(checked, extracted, setup):
     code, result = checked
     circuit = extracted[2]
-    assert CHECK_KEYS | {"passed"} == set(result)
+    assert CHECK_KEYS | {"passed", "controls"} == set(result)
     for key in CHECK_KEYS:
         assert isinstance(result[key]["passed"], bool)
+    curve, rand, partial = (result["controls"][k] for k in ("faithfulness_curve", "random_circuits", "partial_ablation"))
+    assert curve["sizes"] == list(range(circuit.n_nodes + 1))
+    assert curve["faithfulness"][-1] == pytest.approx(
+        (curve["empty_loss"] - result["sufficiency"]["loss"]) / (curve["empty_loss"] - curve["full_model_loss"]),
+        abs=1e-4)  # the whole circuit's point is the circuit's own held-out loss
+    assert 0 <= curve["cmd"] and curve["cpr"] + curve["cmd"] >= abs(1 - curve["cpr"]) - 1e-9
+    assert rand["size"] == circuit.n_nodes and len(rand["losses"]) == rand["draws"] == 20
+    assert len(partial["losses"]) == partial["draws"] and partial["max_loss"] == max(partial["losses"])
     assert result["passed"] == all(result[key]["passed"] for key in CHECK_KEYS)
     assert code == (0 if result["passed"] else 1)
     sufficiency, necessity, minimality, faithful = (result[k] for k in

@@ -128,11 +128,9 @@ class Checker:
         is needed to meet the target there) and on the held-out prompts (how far that carries)."""
         from tqdm import tqdm
 
-        from circuitir.passes.prune import MaskedLoss
         selection = self.selection_batch()
-        fills = fills_for(self.model, self.ablation, self.means)
-        heldout_loss = MaskedLoss(self.graph_ir, fills, self.batch)
-        selection_loss = MaskedLoss(self.graph_ir, fills, selection) if selection is not None else None
+        heldout_loss = self.evaluator(self.batch)
+        selection_loss = self.evaluator(selection) if selection is not None else None
         nodes, rows = self.circuit.kept_nodes(), []
         with tqdm(total=len(nodes), desc="check: minimality", disable=not progress, leave=False) as bar:
             for start in range(0, len(nodes), self.MASKS_PER_FORWARD):
@@ -155,6 +153,29 @@ class Checker:
                 "nodes": rows, "necessary": necessary, "total": len(rows),
                 "necessary_heldout": sum(r["necessary_heldout"] for r in rows),
                 "passed": necessary == len(rows)}
+
+    def evaluator(self, batch):
+        """The task loss of masked graphs of the model on ``batch``, several masks per forward."""
+        from circuitir.passes.prune import MaskedLoss
+        return MaskedLoss(self.graph_ir, fills_for(self.graph_ir, self.ablation, self.means), batch)
+
+    def controls(self, minimality: dict, seed: int = 0) -> dict:
+        """The faithfulness curve with MIB's CPR/CMD, matched-size random circuits and partial ablation
+        (``runtime/controls.py``), on the held-out prompts."""
+        from circuitir.ir.ablation import site_widths
+        from circuitir.runtime import controls
+        heldout = self.evaluator(self.batch)
+        widths = site_widths(self.graph_ir)
+        full = self.loss(self.model_pairs(None, self.ablation))
+        importance = {row["node"]: row["loss_without_heldout"] for row in minimality["nodes"]}
+        ordered = sorted(self.circuit.kept_nodes(), key=lambda n: -importance[str(n)])
+        return {
+            "faithfulness_curve": controls.faithfulness_curve(heldout, widths, ordered, full, self.scale),
+            "random_circuits": controls.random_circuits(heldout, widths, self.circuit.n_nodes, self.target,
+                                                        seed=seed, scale=self.scale),
+            "partial_ablation": controls.partial_ablation(heldout, self.mask, self.target, seed=seed,
+                                                          scale=self.scale),
+        }
 
     def faithfulness(self) -> dict:
         masked = self.model_pairs(self.mask, self.ablation)
@@ -212,7 +233,7 @@ def random_control(loaded, circuit: Circuit, pipeline: str, seed: int, progress:
 
 
 def check(circuit: Circuit, loaded, *, n: int = 256, seed: int = 0, necessity_loss: float = CHANCE / 2,
-          control: bool = True, progress: bool = True) -> dict:
+          control: bool = True, progress: bool = True, nonsense: bool = False) -> dict:
     from circuitir.passes.ablate import declared_means
     check_source(circuit, loaded)
     means = declared_means(loaded, circuit.header)  # also the "mean" column when another ablation was declared
@@ -224,5 +245,10 @@ def check(circuit: Circuit, loaded, *, n: int = 256, seed: int = 0, necessity_lo
         result["faithfulness"]["control"] = random_control(loaded, circuit, pipeline, seed, progress)
         result["faithfulness"]["passed"] = (result["faithfulness"]["passed"]
                                             and result["faithfulness"]["control"]["passed"])
+    result["controls"] = checker.controls(result["minimality"], seed)
+    if nonsense:
+        from circuitir.runtime.controls import nonsense_task
+        result["controls"]["nonsense_task"] = nonsense_task(loaded, circuit, circuit.header.get("pipeline"), seed,
+                                                            progress)
     result["passed"] = all(result[k]["passed"] for k in ("sufficiency", "necessity", "minimality", "faithfulness"))
     return result
