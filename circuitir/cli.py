@@ -146,6 +146,14 @@ def read_circuit(path: str):
     return load_circuit(path)
 
 
+def read_circuit_with_comments(path: str):
+    """Parse a .cir file keeping its comments, for commands that write it back."""
+    from circuitir.api import read_text
+    from circuitir.grammar import parse_with_comments
+
+    return parse_with_comments(read_text(path), path)
+
+
 def load(path: str):
     from circuitir.api import load_model
     return load_model(path)
@@ -306,6 +314,31 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from circuitir.explain import annotate, explain, format_explanations
+    from circuitir.grammar import emit
+    from circuitir.models.checkpoint import atomic_write_text
+
+    if args.in_place and args.output:
+        raise UserError("give either -i (rewrite the circuit) or -o FILE, not both")
+    circuit, comments = read_circuit_with_comments(args.circuit)
+    explanations = explain(circuit, load(args.model), task=args.task, n_windows=args.windows,
+                           n_prompts=args.prompts, top=args.top, seed=args.seed)
+    written = annotate(circuit, explanations)
+    target = args.circuit if args.in_place else args.output
+    if target:
+        atomic_write_text(target, emit(circuit, comments))
+    if args.json:
+        print_json({"circuit": args.circuit, "written_to": target, "labels_written": written,
+                    "nodes": [{**e.to_dict(), "label": circuit.labels[n].text, "label_source":
+                               circuit.labels[n].source} for n, e in explanations.items()]})
+    else:
+        print(format_explanations(explanations, circuit))
+        if target:
+            print(f"wrote {target}: {written} generated labels ({len(explanations) - written} hand-written kept)")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file: .dot, .gv, .pdf, .svg or .png")
     p.add_argument("--title", help="graph title [default: task, nodes and edges]")
     p.set_defaults(run=cmd_render)
+
+    p = sub.add_parser("explain", help="what drives each node: top-activating contexts, task classes, embeddings",
+                       description="For every node of a circuit, measured on the model: its top-activating tokens "
+                                   "with context (held-out pretraining text and the task's prompts), its mean "
+                                   "activation on the task's two classes, and for residual channels the tokens "
+                                   "whose embedding writes it most. With -i or -o, writes the generated labels into "
+                                   "the circuit as `label auto` lines (hand-written labels are kept).")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
+    p.add_argument("--task", help="task name [default: the circuit header's task]")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-i", "--in-place", action="store_true", help="write the labels into the circuit (atomically)")
+    where.add_argument("-o", "--output", help="write the labelled circuit here")
+    p.add_argument("--windows", type=int, default=256, help="windows of 64 held-out corpus tokens [default: 256]")
+    p.add_argument("--prompts", type=int, default=256, help="held-out task prompts [default: 256]")
+    p.add_argument("--top", type=int, default=8, help="contexts kept per node [default: 8]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print every node's explanation as JSON")
+    p.set_defaults(run=cmd_explain)
     return parser
 
 
