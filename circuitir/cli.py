@@ -339,6 +339,13 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from circuitir.render.show import show
+
+    sys.stdout.write(show(read_circuit(args.circuit), width=args.width))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print every node's explanation as JSON")
     p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("show", help="a circuit on one screen: heads, neurons, labels, edges, embedding tokens",
+                       description="A compact, paper-sized summary: per layer and sublayer the residual channels "
+                                   "read, the heads with their q/k/v channels, the neurons with their labels and "
+                                   "edge counts, the channels written; the embedding columns as token sets.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--width", type=int, default=100, help="columns [default: 100]")
+    p.set_defaults(run=cmd_show)
     return parser
 
 
