@@ -303,14 +303,8 @@ def cmd_diff(args) -> int:
 def cmd_render(args) -> int:
     from circuitir.render.graphviz import render
 
-    circuit = read_circuit(args.circuit)
-    title = args.title
-    if title is None:
-        task = circuit.header.get("task", {})
-        title = f"{task.get('name', '') if isinstance(task, dict) else task}: {circuit.n_nodes} nodes, " \
-                f"{circuit.n_edges} edges"
-    render(circuit, args.output, title)
-    print(f"wrote {args.output}")
+    fmt = render(read_circuit(args.circuit), args.output, args.title, fmt=args.format, collapse=args.collapse)
+    print(f"wrote {args.output} ({fmt}{', collapsed' if args.collapse else ''})")
     return 0
 
 
@@ -460,9 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_diff)
 
-    p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
+    p = sub.add_parser("render", help="draw a circuit: SVG, PDF, PNG, DOT or TikZ (laid out by Graphviz)",
+                       description="Layers bottom to top, one band per layer and sublayer, a head's q/k/v "
+                                   "channels boxed with the head, edge width by |weight| and colour by sign, a "
+                                   "legend, node labels from the circuit's `label` lines. --collapse draws one box "
+                                   "per head and per group of neurons with the same label. TikZ: .tikz is a "
+                                   "picture to \\input, .tex a document pdflatex turns into the figure.")
     p.add_argument("circuit", help=".cir file")
-    p.add_argument("-o", "--output", required=True, help="output file: .dot, .gv, .pdf, .svg or .png")
+    p.add_argument("-o", "--output", required=True, help="output file: .svg, .pdf, .png, .dot/.gv, .tikz or .tex")
+    p.add_argument("--format", choices=["svg", "pdf", "png", "dot", "tikz"],
+                   help="output format [default: from the output's extension]")
+    p.add_argument("--collapse", action="store_true", help="the summary diagram: heads and groups of neurons")
     p.add_argument("--title", help="graph title [default: task, nodes and edges]")
     p.set_defaults(run=cmd_render)
 
