@@ -340,6 +340,30 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from circuitir.explain import explain
+    from circuitir.models.checkpoint import atomic_write_text
+    from circuitir.render.report import build_report
+
+    circuit = read_circuit(args.circuit)
+    loaded = load(args.model)
+    check_result = None
+    if args.check_json:
+        try:
+            check_result = json.load(open(args.check_json, encoding="utf-8"))
+            check_result["sufficiency"]["passed"]  # noqa: B018 -- the shape `circuitir check --json` writes
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot read {args.check_json} as `circuitir check --json` output: {exc}") from None
+    elif not args.no_check:
+        from circuitir.runtime.check import check
+
+        check_result = check(circuit, loaded, n=args.n, control=False, progress=show_progress(args))
+    explanations = explain(circuit, loaded, task=args.task, n_windows=args.windows, n_prompts=args.prompts)
+    atomic_write_text(args.output, build_report(circuit, explanations, check_result, source=args.circuit))
+    print(f"wrote {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,6 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("circuit", help=".cir file")
     p.add_argument("--width", type=int, default=100, help="columns [default: 100]")
     p.set_defaults(run=cmd_show)
+
+    p = sub.add_parser("report", help="one self-contained HTML page: figures, check table, node explanations",
+                       description="Writes an HTML file with everything inline (no network): the collapsed and "
+                                   "full figures (click a node to highlight its edges), the check table, the node "
+                                   "table with explanations, and per-node activation examples.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--task", help="task name [default: the circuit header's task]")
+    checking = p.add_mutually_exclusive_group()
+    checking.add_argument("--check-json", help="use this `circuitir check --json` output instead of checking again")
+    checking.add_argument("--no-check", action="store_true", help="leave the check table out (checking takes "
+                                                                  "minutes)")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts for the check [default: 256]")
+    p.add_argument("--windows", type=int, default=256, help="corpus windows for the explanations [default: 256]")
+    p.add_argument("--prompts", type=int, default=256, help="task prompts for the explanations [default: 256]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

@@ -8,8 +8,6 @@ tokens that write each channel; the logits and the final read.
 
 from __future__ import annotations
 
-import textwrap
-
 from circuitir.ir.circuit import Circuit
 from circuitir.render.structure import (
     blocks, embed_tokens, in_out_edges, label_of, title_of, token_name,
@@ -18,11 +16,17 @@ from circuitir.render.structure import (
 WIDTH = 100
 
 
-def _wrap(prefix: str, items: list[str], width: int, indent: str = "    ") -> list[str]:
-    if not items:
-        return [prefix.rstrip()]
-    return textwrap.wrap(prefix + "  ".join(items), width=width, subsequent_indent=indent,
-                         break_long_words=False, break_on_hyphens=False) or [prefix]
+def _wrap(prefix: str, items: list[str], width: int, indent: str = "    ", sep: str = "  ") -> list[str]:
+    """``prefix`` then the items ``sep`` apart, wrapped at ``width`` between items, never inside one."""
+    lines, line = [], prefix.rstrip() if not items else prefix
+    for item in items:
+        if line != prefix and len(line) + len(sep) + len(item) > width:
+            lines.append(line)
+            line = indent + item
+        else:
+            line += ("" if line == prefix else sep) + item
+    lines.append(line)
+    return lines
 
 
 def _clip(text: str, width: int) -> str:
@@ -48,14 +52,14 @@ def show(circuit: Circuit, width: int = WIDTH) -> str:
     lines = [_clip(head_line, width)]
     tables = [f"{c}:" + "".join(f" {t}" if w > 0 else f" -{t}" for t, w in embed_tokens(circuit, c))
               for c in sorted(circuit.embed)]
-    lines += _wrap(f"embed ({len(tables)} channels; channel: tokens writing it most, -x negative)  ", tables,
-                   width, "  ")
+    lines.append(_clip(f"embed, {len(tables)} channels (channel: the tokens writing it most, -x negative):", width))
+    lines += _wrap("  ", tables, width, "  ")
     for block in blocks(circuit):
         edges_in = sum(len(incoming.get(n, ())) for n in block.nodes if n not in block.reads)
         count = len(block.nodes) - len(block.outputs)
         lines.append(f"{block.title}: {count} node{'s' * (count != 1)}, {edges_in} edges in")
         if block.reads:
-            lines += _wrap(f"  reads {len(block.reads)}: ", [_channels(block.reads)], width)
+            lines += _wrap(f"  reads {len(block.reads)}: ", [str(n.index) for n in block.reads], width, sep=" ")
         for head in block.heads:
             parts = [f"{part} {_channels(head.channels[part])}" for part in ("q", "k", "v") if head.channels[part]]
             label = next((label_of(circuit, n) for n in head.channels["v"] + head.nodes if label_of(circuit, n)), "")
@@ -75,7 +79,7 @@ def show(circuit: Circuit, width: int = WIDTH) -> str:
             for start in range(0, len(cells), 2):
                 lines.append(("  " + "".join(cells[start:start + 2])).rstrip())
         if block.writes:
-            lines += _wrap(f"  writes {len(block.writes)}: ", [_channels(block.writes)], width)
+            lines += _wrap(f"  writes {len(block.writes)}: ", [str(n.index) for n in block.writes], width, sep=" ")
         for node in block.outputs:
             sources = incoming.get(node, ())
             text = f"  logit `{token_name(circuit, circuit.candidates[node.index])}` <- {len(sources)} channels"
