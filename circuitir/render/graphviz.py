@@ -39,6 +39,7 @@ BAND_COLOURS = {"attn": "#f3f0fb", "mlp": "#eef6ee", "final": "#f7f3ea", "embed"
 FORMATS = ("svg", "pdf", "png", "dot", "tikz")
 SUFFIX_FORMAT = {"svg": "svg", "pdf": "pdf", "png": "png", "dot": "dot", "gv": "dot", "tikz": "tikz", "tex": "tikz"}
 FONT = "Helvetica"
+MINOR = 0.1  # collapsed figures leave out a box's inputs under this fraction of its largest
 SHORT = {"act_in": "r", "final_resid": "r", "resid_delta": "+r", "q": "q", "k": "k", "v": "v", "post_act": "n"}
 
 
@@ -165,15 +166,20 @@ def collapsed_drawing(circuit: Circuit, title: str) -> Drawing:
             if target not in owner:
                 continue
             sources = [(box, w) for box, w, write in writes.get(node.index, ()) if rank[write.site] < rank[node.site]]
-            if node.index in circuit.embed:
-                sources.append(("embed", 1.0))
+            if node.index in circuit.embed:  # the embedding is a weight too: token -> channel, at most this
+                sources.append(("embed", float(circuit.embed[node.index].abs().max())))
             for box, first in sources:
                 if box == owner[target]:
                     continue
                 total = totals[box, owner[target]]
                 total[0] += first * weight
                 total[1] += abs(first * weight)
-    arrows = [Arrow(a, b, "weight", signed, size) for (a, b), (signed, size) in totals.items()]
+    # A summary: a box's inputs under MINOR of its largest are left out (the legend says so).
+    strongest: dict[str, float] = defaultdict(float)
+    for (_, target), (_, size) in totals.items():
+        strongest[target] = max(strongest[target], size)
+    arrows = [Arrow(a, b, "weight", signed, size) for (a, b), (signed, size) in totals.items()
+              if size >= MINOR * strongest[b]]
     return Drawing(title, bands, arrows)
 
 
@@ -222,7 +228,7 @@ def legend_rows(collapsed: bool) -> list[tuple[str, str | None, str | None]]:
     rows = [(name, colour, style) for name, colour, style in (LEGEND[:2] if collapsed else LEGEND)]
     notes = ["width: |weight|" + (", summed over" if collapsed else "")]
     if collapsed:
-        notes.append("residual-stream paths")
+        notes += ["residual-stream paths; inputs under", f"{MINOR:.0%} of a box's largest not drawn"]
     return rows + [(note, None, None) for note in notes + list(LABEL_NOTE)]
 
 
@@ -264,7 +270,9 @@ def drawing_rows(drawing: Drawing, max_row: int) -> list[list[str]]:
     return rows
 
 
-def drawing_to_dot(drawing: Drawing, collapsed: bool = False, font_size: int = 10, max_row: int = 12) -> str:
+def drawing_to_dot(drawing: Drawing, collapsed: bool = False, font_size: int = 10, max_row: int | None = None) -> str:
+    """DOT source; rows hold at most ``max_row`` boxes (default: 12, collapsed 6: a paper's column)."""
+    max_row = max_row or (6 if collapsed else 12)
     lines = ["digraph circuit {",
              "  rankdir=BT; newrank=true; nodesep=0.12; ranksep=0.3; compound=true;",
              f'  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname="{FONT}", '
