@@ -350,9 +350,11 @@ def cmd_report(args) -> int:
     check_result = None
     if args.check_json:
         try:
-            check_result = json.load(open(args.check_json, encoding="utf-8"))
+            from circuitir.api import read_text
+
+            check_result = json.loads(read_text(args.check_json))
             check_result["sufficiency"]["passed"]  # noqa: B018 -- the shape `circuitir check --json` writes
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"cannot read {args.check_json} as `circuitir check --json` output: {exc}") from None
     elif not args.no_check:
         from circuitir.runtime.check import check

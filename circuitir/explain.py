@@ -53,15 +53,19 @@ class NodeExplanation:
         return asdict(self)
 
 
-def token_text(tokenizer, token: int) -> str:
-    """A token as a reader would write it, ASCII only: `[`, `\\n`, `sp` for a space."""
-    text = tokenizer.decode([int(token)])
-    if "\ufffd" in text and getattr(tokenizer, "vocab_size", 0) == 256:
-        return f"\\x{int(token):02x}"  # a byte that is not a character on its own
+def display_text(text: str) -> str:
+    """Token text as a reader would write it, ASCII only: `[`, `\\n`, `sp` for a space."""
     if text == " ":
         return "sp"
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if shown else repr(text)
+    return text.encode("unicode_escape").decode("ascii") or repr(text)
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token of ``tokenizer`` as :func:`display_text` writes it (a lone byte of a character as \\xNN)."""
+    text = tokenizer.decode([int(token)])
+    if "\ufffd" in text and getattr(tokenizer, "vocab_size", 0) == 256:
+        return f"\\x{int(token):02x}"
+    return display_text(text)
 
 
 def task_name(circuit: Circuit) -> str | None:
@@ -124,7 +128,7 @@ def _top_contexts(tokenizer, tokens, lengths, values: torch.Tensor, sign: int, t
                      float(values.flatten()[i])) for i in order.tolist() if torch.isfinite(scores.flatten()[i])]
 
 
-def _label(explanation: NodeExplanation, top_tokens: list[str], candidates: list[str]) -> str:
+def _label(explanation: NodeExplanation, top_tokens: list[str]) -> str:
     """``on [ ( , | ans ]>\\n``: the tokens it fires on (``neg`` when it goes negative on them), and which
     task answer it is higher for, when the two classes' means differ by more than half a standard deviation."""
     parts = [("on " if explanation.sign > 0 else "neg ") + " ".join(top_tokens[:3])]
@@ -199,7 +203,7 @@ def explain(circuit: Circuit, loaded, task=None, n_windows: int = 256, window: i
                 order = torch.argsort(column.abs(), descending=True)[:5]
                 explanation.embed_tokens = [(token_text(tokenizer, int(t)), round(float(column[t]), 4))
                                             for t in order.tolist() if float(column[t]) != 0.0]
-        explanation.label = _label(explanation, top_tokens, candidates)
+        explanation.label = _label(explanation, top_tokens)
         out[node] = explanation
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from circuitir.explain import display_text, task_name
 from circuitir.ir.circuit import Circuit, Node, site_specs
 
 
@@ -84,11 +85,7 @@ def token_name(circuit: Circuit, token: int) -> str:
     """A candidate or table token as text: the byte for byte-level models (escaped), else its id."""
     if circuit.config["vocab_size"] != 256:
         return str(token)
-    text = bytes([token]).decode("latin-1")
-    if text == " ":
-        return "sp"
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown
+    return display_text(bytes([token]).decode("latin-1"))
 
 
 def embed_tokens(circuit: Circuit, channel: int, most: int = 3, share: float = 0.5) -> list[tuple[str, float]]:
@@ -115,6 +112,4 @@ def in_out_edges(circuit: Circuit) -> tuple[dict[Node, list], dict[Node, list]]:
 
 
 def title_of(circuit: Circuit) -> str:
-    task = circuit.header.get("task", "")
-    name = task.get("name", "") if isinstance(task, dict) else str(task)
-    return f"{name or 'circuit'}: {circuit.n_nodes} nodes, {circuit.n_edges} edges"
+    return f"{task_name(circuit) or 'circuit'}: {circuit.n_nodes} nodes, {circuit.n_edges} edges"
