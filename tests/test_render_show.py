@@ -38,6 +38,12 @@ def test_show_fits_one_screen_and_names_every_head_and_neuron(name):
             for part in ("q", "k", "v"):
                 if head.channels[part]:
                     assert f"{part} {' '.join(str(n.index) for n in head.channels[part])}" in line
+        # nothing is cut off: every channel read and written is listed (lines fold, they are not clipped)
+        end = next((i for i, line in enumerate(lines[at + 1:], at + 1) if not line.startswith(" ")), len(lines))
+        listed = " ".join(lines[at:end])
+        for node in block.reads + block.writes:
+            assert re.search(rf"\b{node.index}\b", listed), node
+        assert ".." not in listed
         for neuron in block.neurons:
             label = circuit.labels[neuron].text
             assert re.search(rf"\b{neuron.index}\s+\(\d+/\d+\) {label}\b", text), (neuron, label)

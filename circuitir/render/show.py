@@ -29,6 +29,14 @@ def _wrap(prefix: str, items: list[str], width: int, indent: str = "    ", sep: 
     return lines
 
 
+def _fold(text: str, width: int, indent: str = "      ") -> list[str]:
+    """A line longer than ``width`` folded between words, the rest indented."""
+    if len(text) <= width:
+        return [text]
+    lead = text[:len(text) - len(text.lstrip())]
+    return _wrap(lead, text.split(), width, indent, sep=" ")
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 2] + ".."
 
@@ -49,7 +57,7 @@ def show(circuit: Circuit, width: int = WIDTH) -> str:
             head_line += f" (target {metrics['target_loss']})"
     if isinstance(source, dict) and source.get("file"):
         head_line += f"; model {source['file']}"
-    lines = [_clip(head_line, width)]
+    lines = _fold(head_line, width, "  ")
     tables = [f"{c}:" + "".join(f" {t}" if w > 0 else f" -{t}" for t, w in embed_tokens(circuit, c))
               for c in sorted(circuit.embed)]
     lines.append(_clip(f"embed, {len(tables)} channels (channel: the tokens writing it most, -x negative):", width))
@@ -67,7 +75,7 @@ def show(circuit: Circuit, width: int = WIDTH) -> str:
             text = f"  head {head.index}  " + " | ".join(parts)
             if writes:
                 text += " -> " + " ".join(map(str, writes))
-            lines.append(_clip(text + (f"  {label}" if label else ""), width))
+            lines += _fold(text + (f"  {label}" if label else ""), width)
         if block.neurons:
             column = (width - 2) // 2
             cells = []
@@ -84,5 +92,5 @@ def show(circuit: Circuit, width: int = WIDTH) -> str:
             sources = incoming.get(node, ())
             text = f"  logit `{token_name(circuit, circuit.candidates[node.index])}` <- {len(sources)} channels"
             label = label_of(circuit, node)
-            lines.append(_clip(text + (f"  {label}" if label and not label.startswith("logit") else ""), width))
+            lines += _fold(text + (f"  {label}" if label and not label.startswith("logit") else ""), width)
     return "\n".join(lines) + "\n"
