@@ -35,6 +35,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, .ctx { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .ctx { white-space: pre; display: block; }
 .ctx mark { background: #ffd54f; padding: 0 1px; }
+.ctx .ws { color: #aaa; }
 .hand { color: #1a7f37; } .auto { color: #777; }
 tr.node-row { cursor: pointer; } tr.node-row.selected { background: #fff3c4; }
 #full g.node { cursor: pointer; }
@@ -108,9 +109,14 @@ def inline_svg(data: bytes, prefix: str) -> str:
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
 
 
+def _shown(text: str) -> str:
+    """Context text on one line: newlines and tabs as visible marks."""
+    return _e(text).replace("\n", '<span class="ws">&#8629;</span>').replace("\t", '<span class="ws">&#8677;</span>')
+
+
 def _context_html(context) -> str:
-    return (f"<span class=\"ctx\">{context.activation:+8.3f}  {_e(context.before)}<mark>{_e(context.token)}</mark>"
-            f"{_e(context.after)}</span>")
+    return (f"<span class=\"ctx\">{context.activation:+8.3f}  {_shown(context.before)}<mark>{_shown(context.token)}"
+            f"</mark>{_shown(context.after)}</span>")
 
 
 def check_table(result: dict | None) -> str:
