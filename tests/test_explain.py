@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from circuitir.cli import main
@@ -123,3 +125,15 @@ def test_explain_bad_input_is_one_line_exit_2(tmp_path, capsys):
     # a circuit of another model shape
     assert main(["explain", str(EXAMPLES / "bracket_toy.cir"), "--model", str(MODEL)]) == 2
     assert "does not match the model" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40), source=st.sampled_from(["hand", "auto"]), pick=st.integers(0, 10 ** 6))
+def test_any_label_text_round_trips(text, source, pick):
+    circuit = parse((EXAMPLES / "bracket_toy.cir").read_text())
+    nodes = circuit.kept_nodes() + [Node("logits", k) for k in range(len(circuit.candidates))]
+    circuit.labels[nodes[pick % len(nodes)]] = Label(text, source)
+    emitted = emit(circuit)
+    assert emitted.isascii()
+    again = parse(emitted)
+    assert again == circuit and again.labels == circuit.labels and emit(again) == emitted
