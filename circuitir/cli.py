@@ -146,6 +146,14 @@ def read_circuit(path: str):
     return load_circuit(path)
 
 
+def read_circuit_with_comments(path: str):
+    """Parse a .cir file keeping its comments, for commands that write it back."""
+    from circuitir.api import read_text
+    from circuitir.grammar import parse_with_comments
+
+    return parse_with_comments(read_text(path), path)
+
+
 def load(path: str):
     from circuitir.api import load_model
     return load_model(path)
@@ -312,13 +320,65 @@ def cmd_diff(args) -> int:
 def cmd_render(args) -> int:
     from circuitir.render.graphviz import render
 
+    fmt = render(read_circuit(args.circuit), args.output, args.title, fmt=args.format, collapse=args.collapse)
+    print(f"wrote {args.output} ({fmt}{', collapsed' if args.collapse else ''})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from circuitir.explain import annotate, explain, format_explanations
+    from circuitir.grammar import emit
+    from circuitir.models.checkpoint import atomic_write_text
+
+    if args.in_place and args.output:
+        raise UserError("give either -i (rewrite the circuit) or -o FILE, not both")
+    circuit, comments = read_circuit_with_comments(args.circuit)
+    explanations = explain(circuit, load(args.model), task=args.task, n_windows=args.windows,
+                           n_prompts=args.prompts, top=args.top, seed=args.seed)
+    written = annotate(circuit, explanations)
+    target = args.circuit if args.in_place else args.output
+    if target:
+        atomic_write_text(target, emit(circuit, comments))
+    if args.json:
+        print_json({"circuit": args.circuit, "written_to": target, "labels_written": written,
+                    "nodes": [{**e.to_dict(), "label": circuit.labels[n].text, "label_source":
+                               circuit.labels[n].source} for n, e in explanations.items()]})
+    else:
+        print(format_explanations(explanations, circuit))
+        if target:
+            print(f"wrote {target}: {written} generated labels ({len(explanations) - written} hand-written kept)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from circuitir.render.show import show
+
+    sys.stdout.write(show(read_circuit(args.circuit), width=args.width))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from circuitir.explain import explain
+    from circuitir.models.checkpoint import atomic_write_text
+    from circuitir.render.report import build_report
+
     circuit = read_circuit(args.circuit)
-    title = args.title
-    if title is None:
-        task = circuit.header.get("task", {})
-        title = f"{task.get('name', '') if isinstance(task, dict) else task}: {circuit.n_nodes} nodes, " \
-                f"{circuit.n_edges} edges"
-    render(circuit, args.output, title)
+    loaded = load(args.model)
+    check_result = None
+    if args.check_json:
+        try:
+            from circuitir.api import read_text
+
+            check_result = json.loads(read_text(args.check_json))
+            check_result["sufficiency"]["passed"]  # noqa: B018 -- the shape `circuitir check --json` writes
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot read {args.check_json} as `circuitir check --json` output: {exc}") from None
+    elif not args.no_check:
+        from circuitir.runtime.check import check
+
+        check_result = check(circuit, loaded, n=args.n, control=False, progress=show_progress(args))
+    explanations = explain(circuit, loaded, task=args.task, n_windows=args.windows, n_prompts=args.prompts)
+    atomic_write_text(args.output, build_report(circuit, explanations, check_result, source=args.circuit))
     print(f"wrote {args.output}")
     return 0
 
@@ -439,11 +499,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_diff)
 
-    p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
+    p = sub.add_parser("render", help="draw a circuit: SVG, PDF, PNG, DOT or TikZ (laid out by Graphviz)",
+                       description="Layers bottom to top, one band per layer and sublayer, a head's q/k/v "
+                                   "channels boxed with the head, edge width by |weight| and colour by sign, a "
+                                   "legend, node labels from the circuit's `label` lines. --collapse draws one box "
+                                   "per head and per group of neurons with the same label. TikZ: .tikz is a "
+                                   "picture to \\input, .tex a document pdflatex turns into the figure.")
     p.add_argument("circuit", help=".cir file")
-    p.add_argument("-o", "--output", required=True, help="output file: .dot, .gv, .pdf, .svg or .png")
+    p.add_argument("-o", "--output", required=True, help="output file: .svg, .pdf, .png, .dot/.gv, .tikz or .tex")
+    p.add_argument("--format", choices=["svg", "pdf", "png", "dot", "tikz"],
+                   help="output format [default: from the output's extension]")
+    p.add_argument("--collapse", action="store_true", help="the summary diagram: heads and groups of neurons")
     p.add_argument("--title", help="graph title [default: task, nodes and edges]")
     p.set_defaults(run=cmd_render)
+
+    p = sub.add_parser("explain", help="what drives each node: top-activating contexts, task classes, embeddings",
+                       description="For every node of a circuit, measured on the model: its top-activating tokens "
+                                   "with context (held-out pretraining text and the task's prompts), its mean "
+                                   "activation on the task's two classes, and for residual channels the tokens "
+                                   "whose embedding writes it most. With -i or -o, writes the generated labels into "
+                                   "the circuit as `label auto` lines (hand-written labels are kept).")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
+    p.add_argument("--task", help="task name [default: the circuit header's task]")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-i", "--in-place", action="store_true", help="write the labels into the circuit (atomically)")
+    where.add_argument("-o", "--output", help="write the labelled circuit here")
+    p.add_argument("--windows", type=int, default=256, help="windows of 64 held-out corpus tokens [default: 256]")
+    p.add_argument("--prompts", type=int, default=256, help="held-out task prompts [default: 256]")
+    p.add_argument("--top", type=int, default=8, help="contexts kept per node [default: 8]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print every node's explanation as JSON")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("show", help="a circuit on one screen: heads, neurons, labels, edges, embedding tokens",
+                       description="A compact, paper-sized summary: per layer and sublayer the residual channels "
+                                   "read, the heads with their q/k/v channels, the neurons with their labels and "
+                                   "edge counts, the channels written; the embedding columns as token sets.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--width", type=int, default=100, help="columns [default: 100]")
+    p.set_defaults(run=cmd_show)
+
+    p = sub.add_parser("report", help="one self-contained HTML page: figures, check table, node explanations",
+                       description="Writes an HTML file with everything inline (no network): the collapsed and "
+                                   "full figures (click a node to highlight its edges), the check table, the node "
+                                   "table with explanations, and per-node activation examples.")
+    p.add_argument("circuit", help=".cir file")
+    p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--task", help="task name [default: the circuit header's task]")
+    checking = p.add_mutually_exclusive_group()
+    checking.add_argument("--check-json", help="use this `circuitir check --json` output instead of checking again")
+    checking.add_argument("--no-check", action="store_true", help="leave the check table out (checking takes "
+                                                                  "minutes)")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts for the check [default: 256]")
+    p.add_argument("--windows", type=int, default=256, help="corpus windows for the explanations [default: 256]")
+    p.add_argument("--prompts", type=int, default=256, help="task prompts for the explanations [default: 256]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

@@ -189,6 +189,11 @@ class Emitter:
             if name == primary or not V.is_default(value, getattr(type(data), name)):
                 text += f" {name}={self.f32(value, what)}"
         self.statement(level, text, ("node", node))
+        label = self.circuit.labels.get(node)
+        if label is not None:
+            auto = "auto " if label.source == "auto" else ""
+            self.statement(level + 1, f"label {auto}{V.format_setting(label.text, f'label of {node}')}",
+                           ("label", node))
         for source in sorted(self.sources.get(node, ()), key=self.order):
             weight = self.f32(self.circuit.edges[source, node], f"edge {source} -> {node}")
             self.statement(level + 1, f"<- {source} {weight}", ("edge", source, node))
@@ -208,6 +213,11 @@ class Emitter:
                 raise CircuitError(f"edge {source} -> {target}: {target} is not a node, the edge cannot be written")
             if source.site not in self.specs:
                 raise CircuitError(f"edge {source} -> {target}: unknown site {source.site!r}")
+        for node, label in circuit.labels.items():
+            if node not in circuit.nodes or circuit.nodes[node].kind == "const":
+                raise CircuitError(f"label of {node}: only kept nodes and outputs can carry a label")
+            if label.source not in ("hand", "auto") or not isinstance(label.text, str):
+                raise CircuitError(f"label of {node}: expected text and a source 'hand' or 'auto', got {label!r}")
         for (layer, head) in circuit.heads:
             if not 0 <= layer < circuit.config["n_layer"]:
                 raise CircuitError(f"head {layer}.attn.head[{head}]: layer {layer} does not exist")

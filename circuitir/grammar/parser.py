@@ -34,7 +34,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, Vi
 from circuitir.errors import UserError
 from circuitir.grammar import values as V
 from circuitir.ir.circuit import (
-    LANGUAGE_VERSION, Circuit, CircuitError, Node, NodeData, NormData, check_circuit, parse_node, site_specs,
+    LANGUAGE_VERSION, Circuit, CircuitError, Label, Node, NodeData, NormData, check_circuit, parse_node, site_specs,
 )
 
 GRAMMAR_PATH = Path(__file__).with_name("circuit.lark")
@@ -58,6 +58,7 @@ TERMINAL_WORDS = {
     "NORM_KIND": "`rms` or `layernorm`",
     "SUBLAYER": "`attn` or `mlp`",
     "TABLE_NAME": "`passive_sq` or `passive_sum`",
+    "LABEL_SOURCE": "`auto`",
 }
 
 
@@ -136,11 +137,19 @@ class Edge:
 
 
 @dataclass
+class LabelStmt:
+    pos: Pos
+    text: str
+    source: str  # "hand" or "auto"
+
+
+@dataclass
 class NodeStmt:
     node: Token
     attrs: list[Attr]
     edges: list[Edge]
     const_value: Token | None = None
+    label: LabelStmt | None = None
 
 
 @dataclass
@@ -291,7 +300,17 @@ class ToStatements(Transformer):
 
     def node(self, meta, children):
         node, *rest = children
-        return NodeStmt(node, [c for c in rest if isinstance(c, Attr)], [c for c in rest if isinstance(c, Edge)])
+        labels = [c for c in rest if isinstance(c, LabelStmt)]
+        return NodeStmt(node, [c for c in rest if isinstance(c, Attr)], [c for c in rest if isinstance(c, Edge)],
+                        label=labels[0] if labels else None)
+
+    def label(self, meta, children):
+        *source, text = children
+        try:
+            words = V.parse_string(text)
+        except V.ValueSpellingError as exc:
+            self.fail(Pos.of(text), str(exc))
+        return LabelStmt(Pos(meta.line, meta.column), words, "auto" if source else "hand")
 
     def const(self, meta, children):
         node, value, *rest = children
@@ -661,6 +680,9 @@ class Builder:
             fields = {name: self.f32(attrs[name]) for name in attrs}
             kind = "output" if node.site == "logits" else "kept"
         circuit.nodes[node] = NodeData(kind, **{**NODE_DEFAULTS, **fields})
+        if statement.label is not None:
+            self.anchor(statement.label.pos.line, statement.label.pos.line, ("label", node))
+            circuit.labels[node] = Label(statement.label.text, statement.label.source)
         for edge in statement.edges:
             source = self.site_node(edge.source)
             self.anchor(edge.pos.line, edge.pos.line, ("edge", source, node))
