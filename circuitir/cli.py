@@ -74,15 +74,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from circuitir.models.checkpoint import load_model
     from circuitir.tasks import TASKS, get_task
     from circuitir.tasks.evaluate import evaluate_model
 
-    loaded = load_model(args.model)
     names = list(TASKS) if args.task == "all" else [get_task(args.task).name]
-    if loaded.tokenizer is None:
-        raise UserError(f"{args.model} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer; "
-                        "circuitir reads only byte-level models without one")
+    loaded = load(args.model, args)
     rows = [evaluate_model(loaded.model, TASKS[name], loaded.tokenizer, args.split, args.n, args.seed)
             for name in names]
     if args.json:
@@ -146,15 +142,16 @@ def read_circuit(path: str):
     return load_circuit(path)
 
 
-def load(path: str):
+def load(path: str, args=None):
+    """A model, with the --tokenizer the command was given (if any)."""
     from circuitir.api import load_model
-    return load_model(path)
+    return load_model(path, tokenizer=getattr(args, "tokenizer", None))
 
 
 def cmd_trace(args) -> int:
     from circuitir.ir.trace import summary
 
-    info = summary(load(args.model).model)
+    info = summary(load(args.model, args).model)
     if args.json:
         print_json(info)
         return 0
@@ -211,7 +208,7 @@ def cmd_extract(args) -> int:
     from circuitir.tasks import get_task
 
     task = get_task(args.task)
-    loaded = load(args.model)
+    loaded = load(args.model, args)
     circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
                                ablation=args.ablation, seed=args.seed, progress=show_progress(args))
     atomic_write_text(args.output, emit(circuit))
@@ -227,7 +224,7 @@ def cmd_check(args) -> int:
     from circuitir.runtime.check import check
 
     circuit = read_circuit(args.circuit)
-    result = check(circuit, load(args.model), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
+    result = check(circuit, load(args.model, args), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args))
     if args.json:
         print_json(result)
@@ -274,7 +271,7 @@ def cmd_diff(args) -> int:
     if args.model or args.task:
         if not (args.model and args.task):
             raise UserError("a behavioural diff needs both --model and --task")
-        loaded = load(args.model)
+        loaded = load(args.model, args)
         behaviour = behavioural_diff(a, b, get_task(args.task), loaded.tokenizer, n=args.n)
     differ = not diff.equal or (behaviour is not None and behaviour["predictions_differ"] > 0)
     if args.json:
@@ -307,6 +304,13 @@ def cmd_render(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+def add_model_options(p) -> None:
+    """Options of every command that loads a model."""
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with vocab.bpe and encoder.json, for a model whose config names a BPE "
+                        "(OpenAI's tinypython_2k) [default: $CIRCUITIR_TOKENIZER, or the files beside the model]")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -345,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=512, help="number of prompts [default: 512]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {task, loss, accuracy, n}")
+    add_model_options(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("tasks", help="list the tasks with one example each")
@@ -364,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace the model with torch.fx (sites as leaves) and summarise it.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
     p.add_argument("--json", action="store_true")
+    add_model_options(p)
     p.set_defaults(run=cmd_trace)
 
     p = sub.add_parser("passes", help="list the compiler passes and their options")
@@ -383,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (same seed, byte-identical file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print {task, nodes, edges, loss, target_loss, seconds}")
+    add_model_options(p)
     p.set_defaults(run=cmd_extract)
 
     p = sub.add_parser("check", help="verify a circuit against its model: sufficiency, necessity, minimality, "
@@ -398,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print {sufficiency, necessity, minimality, faithfulness, passed}")
+    add_model_options(p)
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("run", help="run a circuit on prompts, without the model",
@@ -418,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for weights [1e-6]")
     p.add_argument("--ignore-header", action="store_true", help="compare structure only")
     p.add_argument("--json", action="store_true")
+    add_model_options(p)
     p.set_defaults(run=cmd_diff)
 
     p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
