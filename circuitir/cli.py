@@ -74,13 +74,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from circuitir.tasks import TASKS, get_task
     from circuitir.tasks.evaluate import evaluate_model
 
-    names = list(TASKS) if args.task == "all" else [get_task(args.task).name]
+    tasks = resolve_tasks(args, allow_all=True)
     loaded = load(args.model, args)
-    rows = [evaluate_model(loaded.model, TASKS[name], loaded.tokenizer, args.split, args.n, args.seed)
-            for name in names]
+    check_task_tokens(tasks, loaded.tokenizer)
+    rows = [evaluate_model(loaded.model, task, loaded.tokenizer, args.split, args.n, args.seed) for task in tasks]
     if args.json:
         print_json(rows[0] if len(rows) == 1 else rows)
     else:
@@ -148,6 +147,33 @@ def load(path: str, args=None):
     return load_model(path, tokenizer=getattr(args, "tokenizer", None))
 
 
+def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> list:
+    """The task(s) a command was given: ``--task NAME`` (or ``all`` where allowed) or ``--task-file
+    T.jsonl``, which is registered so that a circuit header naming it resolves (circuitir.tasks.task_file)."""
+    from circuitir.tasks import TASKS, get_task
+
+    name, task_file = getattr(args, "task", None), getattr(args, "task_file", None)
+    if name and task_file:
+        raise UserError("give --task or --task-file, not both")
+    if task_file:
+        from circuitir.tasks.task_file import register_task_file
+        return [register_task_file(task_file)]
+    if not name:
+        if required:
+            raise UserError("no task given: use --task NAME (see `circuitir tasks`) or --task-file T.jsonl")
+        return []
+    if name == "all" and allow_all:
+        return list(TASKS.values())
+    return [get_task(name)]
+
+
+def check_task_tokens(tasks, tokenizer) -> None:
+    """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
+    for task in tasks:
+        if hasattr(task, "check_tokenizer"):
+            task.check_tokenizer(tokenizer)
+
+
 def cmd_trace(args) -> int:
     from circuitir.ir.trace import summary
 
@@ -205,10 +231,10 @@ def cmd_extract(args) -> int:
     from circuitir.grammar import emit
     from circuitir.models.checkpoint import atomic_write_text
     from circuitir.runtime.extract import extract
-    from circuitir.tasks import get_task
 
-    task = get_task(args.task)
+    task = resolve_tasks(args)[0]
     loaded = load(args.model, args)
+    check_task_tokens([task], loaded.tokenizer)
     circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
                                ablation=args.ablation, seed=args.seed, progress=show_progress(args))
     atomic_write_text(args.output, emit(circuit))
@@ -224,6 +250,11 @@ def cmd_check(args) -> int:
     from circuitir.runtime.check import check
 
     circuit = read_circuit(args.circuit)
+    tasks = resolve_tasks(args, required=False)
+    recorded = circuit.header.get("task", {}).get("name") if isinstance(circuit.header.get("task"), dict) else None
+    if tasks and tasks[0].name != recorded:
+        raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
+                        f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
     result = check(circuit, load(args.model, args), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args))
     if args.json:
@@ -263,16 +294,17 @@ def format_check(result: dict) -> str:
 
 def cmd_diff(args) -> int:
     from circuitir.runtime.diff import behavioural_diff, format_diff, structural_diff
-    from circuitir.tasks import get_task
 
     a, b = read_circuit(args.a), read_circuit(args.b)
     diff = structural_diff(a, b, tolerance=args.tolerance, header=not args.ignore_header)
     behaviour = None
-    if args.model or args.task:
-        if not (args.model and args.task):
-            raise UserError("a behavioural diff needs both --model and --task")
+    if args.model or args.task or args.task_file:
+        tasks = resolve_tasks(args, required=False)
+        if not (args.model and tasks):
+            raise UserError("a behavioural diff needs both --model and --task (or --task-file)")
         loaded = load(args.model, args)
-        behaviour = behavioural_diff(a, b, get_task(args.task), loaded.tokenizer, n=args.n)
+        check_task_tokens(tasks, loaded.tokenizer)
+        behaviour = behavioural_diff(a, b, tasks[0], loaded.tokenizer, n=args.n)
     differ = not diff.equal or (behaviour is not None and behaviour["predictions_differ"] > 0)
     if args.json:
         print_json({"structural": diff.to_dict(), "behavioural": behaviour, "equal": not differ})
@@ -304,6 +336,12 @@ def cmd_render(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+def add_task_file_option(p, text: str | None = None) -> None:
+    p.add_argument("--task-file", metavar="T.jsonl",
+                   help=text or "your own task instead of --task: one JSON object per line with prompt, answer, "
+                                "alternative and optionally split (train|heldout)")
+
 
 def add_model_options(p) -> None:
     """Options of every command that loads a model."""
@@ -344,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Binary cross-entropy between the correct and alternative next token at "
                                    "the last position (the paper's task loss), and accuracy, on held-out prompts.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
-    p.add_argument("--task", required=True, help="task name or alias, or 'all' (see `circuitir tasks`)")
+    p.add_argument("--task", help="task name or alias, or 'all' (see `circuitir tasks`)")
+    add_task_file_option(p)
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("-n", type=int, default=512, help="number of prompts [default: 512]")
     p.add_argument("--seed", type=int, default=0)
@@ -380,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pass pipeline (trace, ablate, prune, lower, fold-constants, dce) and "
                                    "write the circuit as .cir. The file is written only when extraction finishes.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
-    p.add_argument("--task", required=True, help="task name or alias (see `circuitir tasks`)")
+    p.add_argument("--task", help="task name or alias (see `circuitir tasks`)")
+    add_task_file_option(p)
     p.add_argument("-o", "--output", required=True, help=".cir file to write")
     p.add_argument("--target-loss", type=float, help="task loss the circuit must reach [default: 0.15 nats]")
     p.add_argument("--ablation", choices=["mean", "zero", "resample"],
@@ -402,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--necessity-loss", type=float, default=0.5 * 0.6931471805599453,
                    help="loss the model without the circuit must reach [default: ln(2)/2]")
     p.add_argument("--no-control", action="store_true", help="skip the random re-initialised model control")
+    add_task_file_option(p, "the task file the circuit was extracted on (its header records the file's hash)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print {sufficiency, necessity, minimality, faithfulness, passed}")
@@ -422,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--model", help="model for the tokenizer of a behavioural diff")
     p.add_argument("--task", help="task for a behavioural diff")
+    add_task_file_option(p)
     p.add_argument("-n", type=int, default=256, help="held-out prompts for the behavioural diff")
     p.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for weights [1e-6]")
     p.add_argument("--ignore-header", action="store_true", help="compare structure only")
