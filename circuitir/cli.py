@@ -335,6 +335,32 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_import_viz(args) -> int:
+    from circuitir.grammar import emit
+    from circuitir.interop.openai_viz import import_viz, task_from_path
+    from circuitir.models.checkpoint import atomic_write_text
+
+    tasks = resolve_tasks(args, required=False)
+    task = tasks[0] if tasks else task_from_path(args.viz)
+    if task is None:
+        raise UserError(f"cannot tell the task from the path {args.viz} (OpenAI's layout is "
+                        "viz/<model>/<task>/<sweep>/<k>/viz_data.pt); give --task or --task-file")
+    loaded = load(args.model, args)
+    check_task_tokens([task], loaded.tokenizer)
+    circuit, summary = import_viz(args.viz, loaded, task, tokens=args.mean_tokens, seed=args.seed,
+                                  target=args.target_loss)
+    atomic_write_text(args.output, emit(circuit))
+    if args.json:
+        print_json(summary)
+    else:
+        theirs = summary["openai"]
+        reported = (f"; OpenAI reports loss {theirs['interv_loss']:.4f}" if "interv_loss" in theirs else "")
+        print(f"wrote {args.output}: {summary['nodes']} nodes ({summary['dropped_nodes']} of the "
+              f"{summary['imported_nodes']} imported have no path to the logits), {summary['edges']} edges, "
+              f"held-out loss {summary['loss']:.4f} on {summary['task']}{reported}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def add_task_file_option(p, text: str | None = None) -> None:
@@ -470,6 +496,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_model_options(p)
     p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("import-viz", help="turn OpenAI's released circuit (viz_data.pt) into a .cir",
+                       description="Read OpenAI's pruning result (circuit_data: kept channels per location; "
+                                   "importances) with weights_only=True and lower it on the model it was pruned "
+                                   "on, mean-ablated like an extracted circuit, so it runs, checks and diffs.")
+    p.add_argument("viz", help="viz_data.pt (viz/<model>/<task>/<sweep>/<k>/viz_data.pt)")
+    p.add_argument("--model", required=True, help="the model it was pruned on (OpenAI release directory)")
+    p.add_argument("-o", "--output", required=True, help=".cir file to write")
+    p.add_argument("--task", help="task name [default: the one the viz path names]")
+    add_task_file_option(p)
+    p.add_argument("--target-loss", type=float, default=0.15, help="target loss check holds it to [0.15]")
+    p.add_argument("--mean-tokens", type=int, default=65536, help="corpus tokens the means are taken over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_model_options(p)
+    p.set_defaults(run=cmd_import_viz)
 
     p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
     p.add_argument("circuit", help=".cir file")
