@@ -167,6 +167,11 @@ def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> li
     return [get_task(name)]
 
 
+def circuit_task_name(circuit) -> str | None:
+    task = circuit.header.get("task")
+    return task.get("name") if isinstance(task, dict) else None
+
+
 def check_task_tokens(tasks, tokenizer) -> None:
     """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
     for task in tasks:
@@ -251,7 +256,7 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     tasks = resolve_tasks(args, required=False)
-    recorded = circuit.header.get("task", {}).get("name") if isinstance(circuit.header.get("task"), dict) else None
+    recorded = circuit_task_name(circuit)
     if tasks and tasks[0].name != recorded:
         raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
                         f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
@@ -358,6 +363,56 @@ def cmd_import_viz(args) -> int:
         print(f"wrote {args.output}: {summary['nodes']} nodes ({summary['dropped_nodes']} of the "
               f"{summary['imported_nodes']} imported have no path to the logits), {summary['edges']} edges, "
               f"held-out loss {summary['loss']:.4f} on {summary['task']}{reported}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from circuitir.models.checkpoint import atomic_write_text
+
+    if not args.input.endswith(".cir"):  # a model: convert it
+        if args.format != "safetensors" or not args.output:
+            raise UserError("a model exports only as --format safetensors, with -o M.safetensors")
+        if not args.output.endswith(".safetensors"):
+            raise UserError(f"-o {args.output}: a safetensors model file must end in .safetensors")
+        from circuitir.models.checkpoint import save_checkpoint
+        loaded = load(args.input, args)
+        meta = {k: v for k, v in loaded.meta.items() if k not in ("format", "version", "config", "tokenizer")}
+        sha = save_checkpoint(args.output, loaded.model, loaded.tokenizer, **meta)
+        print(f"wrote {args.output} (sha256 {sha[:12]}...)")
+        return 0
+    circuit = read_circuit(args.input)
+    if args.format == "safetensors":
+        from circuitir.interop.export import save_circuit_safetensors
+        if not args.output:
+            raise UserError("--format safetensors writes a binary file: give -o C.safetensors")
+        save_circuit_safetensors(circuit, args.output)
+        print(f"wrote {args.output}")
+        return 0
+    from circuitir.interop.export import graph_json, node_statistics
+    from circuitir.runtime.run import circuit_tokenizer
+
+    stats, tokenizer = None, None
+    if args.model:
+        tasks = resolve_tasks(args, required=False)
+        loaded = load(args.model, args)
+        tokenizer = loaded.tokenizer
+        recorded = circuit_task_name(circuit)
+        from circuitir.tasks import get_task
+        task = tasks[0] if tasks else get_task(recorded) if recorded else None
+        if task is None:
+            raise UserError("activation statistics need a task: the circuit's header names none; give --task")
+        stats = node_statistics(circuit, loaded, task, n=args.n)
+    else:
+        try:
+            tokenizer = circuit_tokenizer(circuit)
+        except UserError:
+            tokenizer = None  # token strings are a courtesy; ids are always written
+    text = json.dumps(graph_json(circuit, tokenizer, stats), indent=1) + "\n"
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -512,6 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_model_options(p)
     p.set_defaults(run=cmd_import_viz)
+
+    p = sub.add_parser("export", help="write a circuit as graph JSON or safetensors (or a model as safetensors)",
+                       description="--format json: a graph file shaped like circuit-tracer's and Neuronpedia's "
+                                   "(metadata, nodes with layer/site/index/label/statistics, links with weights; "
+                                   "README, Export). --format safetensors: the circuit's tensors; given a model "
+                                   "instead of a .cir, the model as a .safetensors checkpoint.")
+    p.add_argument("input", help=".cir file (or a model checkpoint to convert to safetensors)")
+    p.add_argument("--format", choices=["json", "safetensors"], default="json")
+    p.add_argument("-o", "--output", help="file to write [json: standard output]")
+    p.add_argument("--model", help="with a model, nodes get activation statistics on the task's held-out prompts")
+    p.add_argument("--task", help="task for the statistics [default: the circuit's]")
+    add_task_file_option(p)
+    p.add_argument("-n", type=int, default=128, help="held-out prompts for the statistics [128]")
+    add_model_options(p)
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("render", help="draw a circuit (Graphviz: .dot source, or .pdf/.svg/.png via dot)")
     p.add_argument("circuit", help=".cir file")

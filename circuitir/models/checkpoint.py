@@ -17,6 +17,11 @@ exactly that mask and dropped, since circuitir builds the same mask from the
 sequence length. A mask that is anything else is refused (it would change
 which tokens attend to which). Config fields: see :mod:`circuitir.models.config`.
 
+Both circuitir formats have a safetensors twin: a path ending in
+``.safetensors`` saves the weights there with config, tokenizer and the
+plain metadata as JSON strings in the file's metadata (no optimiser state,
+so such a file cannot resume training), and loads back the same way.
+
 Every write goes to a temporary file in the target directory and is renamed
 into place, so an interrupted save never leaves half a checkpoint.
 """
@@ -158,6 +163,8 @@ def load_model(path: str | Path, tokenizer: str | Path | None = None) -> LoadedM
         return _load_openai(path / "beeg_config.json", path / "final_model.pt", tokenizer_dir=tokenizer)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     raw = _torch_load(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         if raw.get("version") != FORMAT_VERSION:
@@ -195,8 +202,47 @@ def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None 
                        {"source": "openai", "config": config.to_dict()})
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("the safetensors package is needed for .safetensors models (pip install safetensors)") \
+            from None
+    return safetensors
+
+
+def _load_safetensors(path: Path) -> LoadedModel:
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # a truncated or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not a circuitir safetensors checkpoint (its metadata has no "
+                        f"format={FORMAT}); save one with `circuitir export M.pt --format safetensors`")
+    try:
+        config, spec, meta = (json.loads(metadata.get(k, "null")) for k in ("config", "tokenizer", "meta"))
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint {path}: its metadata is not valid JSON") from None
+    model = _build(GPTConfig.from_dict(config), state_dict, path)
+    return LoadedModel(model, tokenizer_from_spec(spec), file_sha256(path), str(path), dict(meta or {}))
+
+
 def save_checkpoint(path: str | Path, model: SparseGPT, tokenizer, **meta) -> str:
-    """Write a circuitir checkpoint atomically; returns its SHA-256."""
+    """Write a circuitir checkpoint atomically (safetensors when the path ends so); returns its SHA-256."""
+    if Path(path).suffix == ".safetensors":
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tied_unembed:  # one tensor stored once; loading ties it again
+            state.pop("lm_head.weight")
+        meta.pop("optimizer", None)
+        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(model.config.to_dict()),
+                    "tokenizer": json.dumps(tokenizer.spec), "meta": json.dumps(meta)}
+        with atomic_path(path) as temp:
+            _safetensors().torch.save_file(state, str(temp), metadata=metadata)
+        return file_sha256(path)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
                "tokenizer": tokenizer.spec, "state_dict": model.state_dict(), **meta}
     with atomic_path(path) as temp:

@@ -189,6 +189,9 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
     start_step = 0
     history: list[dict] = []
     if resume:
+        if str(resume).endswith(".safetensors"):
+            raise UserError(f"cannot resume from {resume}: a .safetensors model has no optimiser state; "
+                            "resume from the .pt checkpoint training wrote")
         raw = torch.load(resume, map_location="cpu", weights_only=True)
         if raw.get("recipe") != recipe.to_dict():
             raise UserError(f"cannot resume from {resume}: it was trained with a different recipe")
