@@ -60,7 +60,10 @@ def cmd_train(args) -> int:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log)
+    metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log,
+                    device=args.device, dtype=args.dtype)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 reports
+        return 0
     if args.json:
         print_json(metrics)
     else:
@@ -74,10 +77,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from circuitir.models.device import resolve_device
     from circuitir.tasks.evaluate import evaluate_model
 
     tasks = resolve_tasks(args, allow_all=True)
+    device = resolve_device(args.device)
     loaded = load(args.model, args)
+    loaded.model.to(device)
     check_task_tokens(tasks, loaded.tokenizer)
     rows = [evaluate_model(loaded.model, task, loaded.tokenizer, args.split, args.n, args.seed) for task in tasks]
     if args.json:
@@ -424,6 +430,11 @@ def add_task_file_option(p, text: str | None = None) -> None:
                                 "alternative and optionally split (train|heldout)")
 
 
+def add_device_option(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps "
+                                                    "[default: auto]")
+
+
 def add_model_options(p) -> None:
     """Options of every command that loads a model."""
     p.add_argument("--tokenizer", metavar="DIR",
@@ -454,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (same seed, same weights)")
     p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log", help="append one JSON line per evaluation to this file")
+    p.add_argument("--log", "--log-file", dest="log",
+                   help="append one JSON line per evaluation to this file (under torchrun write --log-file: "
+                        "torchrun's own parser takes --log for its --log-dir)")
+    add_device_option(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the forward and backward passes (autocast; weights stay float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print final metrics as JSON")
     p.set_defaults(run=cmd_train)
@@ -469,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=512, help="number of prompts [default: 512]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {task, loss, accuracy, n}")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_eval)
 

@@ -234,7 +234,7 @@ def _load_safetensors(path: Path) -> LoadedModel:
 def save_checkpoint(path: str | Path, model: SparseGPT, tokenizer, **meta) -> str:
     """Write a circuitir checkpoint atomically (safetensors when the path ends so); returns its SHA-256."""
     if Path(path).suffix == ".safetensors":
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if model.config.tied_unembed:  # one tensor stored once; loading ties it again
             state.pop("lm_head.weight")
         meta.pop("optimizer", None)
