@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from circuitir.errors import UserError
 
@@ -243,6 +244,8 @@ def cmd_extract(args) -> int:
     from circuitir.models.checkpoint import atomic_write_text
     from circuitir.runtime.extract import extract
 
+    if args.task == "all":
+        return extract_all(args)
     task = resolve_tasks(args)[0]
     loaded = load(args.model, args)
     check_task_tokens([task], loaded.tokenizer)
@@ -257,6 +260,30 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def extract_all(args) -> int:
+    """--task all: every task into -o DIR, --jobs at a time; exit 1 if any task could not be extracted."""
+    from circuitir.sweep import extract_many
+    from circuitir.tasks import TASKS
+
+    loaded = load(args.model, args)  # bad input (the model, its tokenizer) fails here, once
+    options = dict(pipeline=args.pipeline, target=args.target_loss, ablation=args.ablation, seed=args.seed)
+    started = time.time()
+    rows = extract_many(args.model, list(TASKS), args.output, jobs=args.jobs, tokenizer_dir=args.tokenizer,
+                        loaded=loaded, **options)
+    seconds = time.time() - started
+    if args.json:
+        print_json({"tasks": rows, "jobs": args.jobs, "seconds": seconds})
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"{row['task']:28s} not extracted: {row['error']}")
+            else:
+                print(f"{row['task']:28s} {row['nodes']:5d} nodes {row['edges']:6d} edges  loss {row['loss']:.4f}  "
+                      f"-> {row['output']}")
+        print(f"{len(rows)} tasks in {seconds:.0f} s with {args.jobs} job{'s' if args.jobs != 1 else ''}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
 def cmd_check(args) -> int:
     from circuitir.runtime.check import check
 
@@ -266,8 +293,13 @@ def cmd_check(args) -> int:
     if tasks and tasks[0].name != recorded:
         raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
                         f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
-    result = check(circuit, load(args.model, args), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
+    loaded = load(args.model, args)
+    result = check(circuit, loaded, n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args))
+    if args.prompts:  # reported beside the claims; it does not change whether they hold
+        from circuitir.tasks.user_prompts import prompt_agreement
+        target = circuit.header.get("metrics", {}).get("target_loss")
+        result["prompts"] = prompt_agreement(circuit, loaded, args.prompts, target)
     if args.json:
         print_json(result)
     else:
@@ -299,6 +331,11 @@ def format_check(result: dict) -> str:
     unnecessary = [row for row in m["nodes"] if not row["necessary"]]
     for row in unnecessary[:10]:
         lines.append(f"{'':20s} not necessary: {row['node']} (loss without it {row['loss_without']:.4f})")
+    if "prompts" in result:
+        p = result["prompts"]
+        lines.append(f"{'your prompts':13s} {'':6s} {p['n']} from {p['file']}: circuit loss {p['circuit']['loss']:.4f} "
+                     f"(accuracy {p['circuit']['accuracy']:.3f}), model loss {p['model']['loss']:.4f} (accuracy "
+                     f"{p['model']['accuracy']:.3f}), circuit and model agree on {p['agreement']:.3f}")
     lines.append("all claims hold" if result["passed"] else "some claims FAIL")
     return "\n".join(lines)
 
@@ -517,9 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pass pipeline (trace, ablate, prune, lower, fold-constants, dce) and "
                                    "write the circuit as .cir. The file is written only when extraction finishes.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
-    p.add_argument("--task", help="task name or alias (see `circuitir tasks`)")
+    p.add_argument("--task", help="task name or alias (see `circuitir tasks`), or 'all' (-o is then a directory)")
     add_task_file_option(p)
-    p.add_argument("-o", "--output", required=True, help=".cir file to write")
+    p.add_argument("-o", "--output", required=True, help=".cir file to write (with --task all: a directory)")
+    p.add_argument("--jobs", type=int, default=1, help="with --task all: extractions run in parallel [1]")
     p.add_argument("--target-loss", type=float, help="task loss the circuit must reach [default: 0.15 nats]")
     p.add_argument("--ablation", choices=["mean", "zero", "resample"],
                    help="what replaces channels outside the circuit [default: mean over the pretraining corpus]")
@@ -541,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss the model without the circuit must reach [default: ln(2)/2]")
     p.add_argument("--no-control", action="store_true", help="skip the random re-initialised model control")
     add_task_file_option(p, "the task file the circuit was extracted on (its header records the file's hash)")
+    p.add_argument("--prompts", metavar="P.jsonl",
+                   help="also measure the circuit alone and its agreement with the model on your prompts "
+                        "(task-file format; reported, not a claim)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print {sufficiency, necessity, minimality, faithfulness, passed}")

@@ -95,6 +95,18 @@ def test_absent_fields_take_openai_defaults(tmp_path):
     assert load_model(tmp_path / "csp").config.rms_norm is False
 
 
+def test_old_gpt2_name_n_embd_stands_for_d_model(tmp_path):
+    model, config = released(tmp_path)
+    raw = openai_config_json(config)
+    raw["n_embd"] = raw.pop("d_model")
+    write_openai_release(tmp_path / "csp", model, raw)
+    assert load_model(tmp_path / "csp").config.d_model == 8
+    raw["d_model"] = 16
+    write_openai_release(tmp_path / "csp", model, raw)
+    with pytest.raises(UserError, match="n_embd=8 and d_model=16 disagree"):
+        load_model(tmp_path / "csp")
+
+
 def test_a_mask_that_is_not_causal_is_refused(tmp_path):
     model, config = released(tmp_path)
     state = openai_state_dict(model)
@@ -129,7 +141,9 @@ def test_forward_changing_options_are_refused_in_one_line(tmp_path, capsys, chan
 
 @pytest.mark.parametrize("harmless", [dict(sinusoidal_cat_pos_emb=True), dict(dropout_cat_pos_emb=True),
                                       dict(enable_sparse_kernels=True, debug_nans=True, grad_checkpointing=False),
-                                      dict(learnable_bigram_table=True, bigram_table_rank=16)])
+                                      dict(learnable_bigram_table=True, bigram_table_rank=16),
+                                      dict(pfrac=0.01, expansion_factor=4, expansion_factor_mlp=4,
+                                           debug_exact_topk=False, sparse_matmul_impl="dense", n_embd=8)])
 def test_training_only_fields_are_accepted(tmp_path, harmless, random_tokens):
     model, config = released(tmp_path)
     write_openai_release(tmp_path / "csp", model, openai_config_json(config, **harmless))

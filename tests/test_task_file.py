@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from circuitir.errors import UserError
 from circuitir.grammar import parse
@@ -167,3 +168,61 @@ def test_behavioural_diff_on_a_task_file(bracket_model, bracket_file, file_circu
     assert code == 0, stderr
     behaviour = json.loads(stdout)["behavioural"]
     assert behaviour["n"] == 32 and behaviour["predictions_differ"] == 0
+
+
+# ---------------------------------------------------------------- many tasks at once
+
+@pytest.mark.slow  # eight extractions in two spawned processes: about 25 s on 2 cores
+def test_extract_all_tasks_in_two_jobs(bracket_model, tmp_path):
+    path, metrics = bracket_model
+    full = metrics["tasks"]["bracket_brace"]["loss"]
+    pipeline = PIPELINE % (0.25 if full < 0.1 else round(full + 0.2, 2))
+    code, out, err = cli("extract", path, "--task", "all", "-o", tmp_path / "all", "--jobs", "2",
+                         "--pipeline", pipeline, "--json")
+    result = json.loads(out)
+    from circuitir.tasks import TASKS
+    rows = {row["task"]: row for row in result["tasks"]}
+    assert list(rows) == list(TASKS) and result["jobs"] == 2
+    # This 64-token model cannot take every task: those are reported, the rest are written.
+    assert code == (1 if any("error" in row for row in rows.values()) else 0), err
+    assert "error" not in rows["bracket_brace"]
+    written = sorted(p.name for p in (tmp_path / "all").iterdir())
+    assert written == sorted(f"{name}.cir" for name, row in rows.items() if "error" not in row)
+    # Each file is the one a lone extraction with the same options writes.
+    code, _, err = cli("extract", path, "--task", "bracket_brace", "-o", tmp_path / "alone.cir", "--pipeline", pipeline)
+    assert code == 0, err
+    assert (tmp_path / "all" / "bracket_brace.cir").read_text() == (tmp_path / "alone.cir").read_text()
+
+
+def test_check_measures_the_prompts_the_user_brings(bracket_model, file_circuit, tmp_path):
+    out, _ = file_circuit
+    # Real-looking code, not the task generator's: brackets opened inside calls and assignments.
+    lines = [("total = sum([1, 2", "]", ")"), ("print((3", ")", "]"), ("data = [x for x in range(4", ")", "]"),
+             ("foo(bar[0", "]", ")"), ("y = (a + [b", "]", ")"), ("items = [(1, 2", ")", "]")]
+    path = tmp_path / "real.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "alternative": b}) + "\n" for p, a, b in lines))
+    code, stdout, stderr = cli("check", out, bracket_model[0], "--no-control", "-n", "32", "--prompts", path, "--json")
+    assert code in (0, 1), stderr
+    mine = json.loads(stdout)["prompts"]
+    assert mine["n"] == len(lines) and 0 <= mine["agreement"] <= 1
+    # Independently: the model's own logits for the two answers, and the circuit's predictions from `run`.
+    model = load_model(bracket_model[0]).model
+    model_right = []
+    for prompt, answer, alternative in lines:
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt.encode())]))[0, -1]
+        model_right.append(bool(logits[ord(answer)] > logits[ord(alternative)]))
+    assert mine["model"]["accuracy"] == pytest.approx(sum(model_right) / len(lines))
+    code, stdout, stderr = cli("run", out, *[p for p, _, _ in lines], "--json")
+    assert code == 0, stderr
+    circuit_right = [row["logits"][answer] > row["logits"][alternative]
+                     for row, (_, answer, alternative) in zip(json.loads(stdout), lines)]
+    assert mine["circuit"]["accuracy"] == pytest.approx(sum(circuit_right) / len(lines))
+    agree = [a == b for a, b in zip(model_right, circuit_right)]
+    assert mine["agreement"] == pytest.approx(sum(agree) / len(lines))
+    code, stdout, _ = cli("check", out, bracket_model[0], "--no-control", "-n", "32", "--prompts", path)
+    assert "your prompts" in stdout and f"{len(lines)} from" in stdout
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"prompt": "x = 'a", "answer": "'", "alternative": '"'}) + "\n")
+    code, _, err = cli("check", out, bracket_model[0], "--no-control", "--prompts", wrong)
+    assert code == 2 and "wrong.jsonl:1" in err and "not one of the circuit's outputs" in err

@@ -20,7 +20,9 @@ Every field of OpenAI's reference ``GPTConfig`` is accounted for:
   same key), ``bigram_table_rank`` (OpenAI's own loader drops it),
   ``dropout_cat_pos_emb`` and ``sinusoidal_cat_pos_emb`` (they only touch the
   concatenated positional embedding, refused below), and ``tokenizer_name``
-  (it names the tokenizer; see :mod:`circuitir.models.tokenizer`);
+  (it names the tokenizer; see :mod:`circuitir.models.tokenizer`); and from
+  older releases ``pfrac``, ``expansion_factor(_mlp)``, ``debug_exact_topk``,
+  ``sparse_matmul_impl``, and ``n_embd`` (GPT-2's ``d_model``: it must agree);
 * refused with one line: ``d_pos_emb`` set to anything (OpenAI's model then
   *concatenates* a separate positional embedding to every layer's input, with
   its own norms: other weight shapes and other sites), ``use_tied_aux_matrix``
@@ -48,6 +50,8 @@ IGNORED_KEYS = frozenset({
     "dropout", "flash", "grad_checkpointing", "debug_nans", "tokenizer_name",
     "enable_sparse_kernels", "dropout_cat_pos_emb", "learnable_bigram_table",
     "sinusoidal_cat_pos_emb", "bigram_table_rank",
+    # Older released configs also carry these (OpenAI's loader drops them): training and kernel settings.
+    "pfrac", "expansion_factor_mlp", "debug_exact_topk", "sparse_matmul_impl",
     "lr", "learning_rate", "batch_size", "total_tokens", "seed", "weight_decay",
     "warmup", "warmup_frac", "beta1", "beta2", "eps", "init_std", "run_name",
     "expansion_factor", "ef", "density", "target_density", "anneal_frac",
@@ -136,6 +140,8 @@ class GPTConfig:
         filled = dict(raw)
         if "n_mlp" in filled:
             filled.setdefault("d_mlp", filled["n_mlp"])
+        if "n_embd" in filled:
+            filled.setdefault("d_model", filled["n_embd"])
         for key, value in OPENAI_DEFAULTS.items():
             filled.setdefault(key, value)
         return cls.from_dict(filled)
@@ -149,6 +155,11 @@ class GPTConfig:
         if "n_mlp" in raw and "d_mlp" not in raw:
             raw["d_mlp"] = raw.pop("n_mlp")
         raw.pop("n_mlp", None)
+        if "n_embd" in raw:  # GPT-2's name for d_model, in some older released configs
+            n_embd = raw.pop("n_embd")
+            raw.setdefault("d_model", n_embd)
+            if raw["d_model"] != n_embd:
+                raise UserError(f"invalid model config: n_embd={n_embd!r} and d_model={raw['d_model']!r} disagree")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs, extra = {}, {}
         for key, value in raw.items():
