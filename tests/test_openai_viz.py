@@ -137,3 +137,31 @@ def test_a_path_that_names_no_task_needs_one(setup, tmp_path):
     torch.save(viz_payload(setup["kept"], setup["config"]), path)
     code, _, err = cli("import-viz", path, "--model", setup["model"], "-o", tmp_path / "x.cir")
     assert code == 2 and "give --task or --task-file" in err
+
+
+def test_the_whole_openai_workflow_on_a_release_directory(setup, tmp_path):
+    """A model in OpenAI's release layout (config JSON with every field, flash=False masks): load it,
+    extract a task, import OpenAI's circuit for it, diff the two."""
+    from test_openai_checkpoint import openai_config_json, write_openai_release
+
+    loaded = load_model(setup["model"])
+    release = tmp_path / "csp_tiny"
+    write_openai_release(release, loaded.model, openai_config_json(loaded.config))
+    ours = tmp_path / "ours.cir"
+    pipeline = PIPELINE % setup["target"]
+    code, _, err = cli("extract", release, "--task", "bracket_brace", "-o", ours, "--pipeline", pipeline)
+    assert code == 0, err
+    extracted = parse(ours.read_text(), str(ours))
+    kept: dict[str, list[int]] = {}
+    for node in extracted.kept_nodes():
+        kept.setdefault(node.site, []).append(node.index)
+    viz = write_viz(tmp_path, viz_payload(kept, openai_config_json(loaded.config)))
+    theirs = tmp_path / "openai.cir"
+    code, _, err = cli("import-viz", viz, "--model", release, "-o", theirs, "--mean-tokens", "4096")
+    assert code == 0, err
+    code, stdout, err = cli("diff", theirs, ours, "--model", release, "--task", "bracket_brace", "-n", "32", "--json")
+    assert code in (0, 1), err
+    diff = json.loads(stdout)
+    assert diff["structural"]["nodes"]["added"] == diff["structural"]["nodes"]["removed"] == []
+    assert diff["behavioural"]["n"] == 32
+    assert parse(theirs.read_text(), str(theirs)).header["source"]["file"] == "final_model.pt"
