@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from circuitir.errors import UserError
-from circuitir.tasks import SPLITS, Example, split_of
+from circuitir.tasks import SPLITS, Example, Task, split_of
 
 FILE_TASK_PREFIX = "file:"
 REQUIRED_KEYS = ("prompt", "answer", "alternative")
@@ -38,14 +38,17 @@ OPTIONAL_KEYS = ("split", "completion", "id")
 HASH_CHARS = 16  # of the SHA-256 in the task name: 64 bits, enough that two files never share one
 
 
+def _no_generator(rng):
+    raise UserError("a task file's prompts are fixed; it has no generator of new pairs")
+
+
 @dataclass(frozen=True)
-class FileTask:
-    name: str
-    description: str
-    path: str
-    sha256: str
-    lines: tuple[tuple[int, Example, str], ...] = field(repr=False)  # (line number, example, split)
-    aliases: tuple[str, ...] = ()
+class FileTask(Task):
+    """A :class:`~circuitir.tasks.Task` whose examples are the lines of a file (so ``isinstance`` holds)."""
+    make_pair: object = _no_generator
+    path: str = ""
+    sha256: str = ""
+    lines: tuple[tuple[int, Example, str], ...] = field(default=(), repr=False)  # (line number, example, split)
 
     def examples(self, split: str = "heldout", n: int = 256, seed: int = 0) -> list[Example]:
         """Up to ``n`` examples of ``split`` in an order fixed by ``seed`` (all of them when the file has
@@ -142,7 +145,7 @@ def load_task_file(path: str | Path) -> FileTask:
     name = f"{FILE_TASK_PREFIX}{path.stem}@{sha256[:HASH_CHARS]}"
     description = (f"prompts from {path.name} ({counts['train']} train, {counts['heldout']} held out; "
                    f"sha256 {sha256[:12]}...)")
-    return FileTask(name, description, str(path), sha256, tuple(lines))
+    return FileTask(name=name, description=description, path=str(path), sha256=sha256, lines=tuple(lines))
 
 
 def register_task_file(path: str | Path) -> FileTask:
