@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QUICK_PIPELINE = ("trace, mean-ablate{tokens=4096}, prune{target=0.15,steps=30,prompts=32,select=32}, "
+QUICK_PIPELINE = ("trace, mean-ablate{tokens=4096}, prune{target=%s,steps=30,prompts=32,select=32}, "
                   "lower, fold-constants, dce")
 
 
@@ -37,9 +37,10 @@ def main() -> None:
     parser.add_argument("--tasks", default="bracket_counting,single_double_quote")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a short pipeline (30 mask-search steps)")
+    parser.add_argument("--target", type=float, default=0.15, help="target loss [0.15]")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
-    options = {"pipeline": QUICK_PIPELINE if args.quick else None, "seed": 0}
+    options = {"pipeline": QUICK_PIPELINE % args.target if args.quick else None, "target": args.target, "seed": 0}
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as root:
         times = {}
@@ -47,8 +48,10 @@ def main() -> None:
             started = time.time()
             rows = extract_many(args.model, tasks, Path(root) / f"jobs{jobs}", jobs=jobs, loaded=loaded, **options)
             times[jobs] = time.time() - started
-            print(f"--jobs {jobs}: {len(rows)} tasks in {times[jobs]:.1f} s "
-                  f"({', '.join(r['task'] + (' failed' if 'error' in r else '') for r in rows)})")
+            print(f"--jobs {jobs}: {len(rows)} tasks in {times[jobs]:.1f} s")
+            for row in rows:
+                print(f"    {row['task']}: " + (f"not extracted: {row['error']}" if "error" in row else
+                                                f"{row['nodes']} nodes, loss {row['loss']:.4f}, {row['seconds']:.1f} s"))
         same = all((Path(root) / "jobs1" / f"{t}.cir").read_text() == (Path(root) / f"jobs{args.jobs}" / f"{t}.cir")
                    .read_text() for t in tasks if (Path(root) / "jobs1" / f"{t}.cir").exists())
         print(f"speed-up with {args.jobs} jobs: {times[1] / times[args.jobs]:.2f}x; files byte-identical: {same}")
