@@ -114,3 +114,45 @@ def test_a_global_batch_that_does_not_split_is_refused_on_every_rank(tmp_path, t
     assert result.returncode != 0
     assert result.stderr.count("does not split over 2 ranks") == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow  # a long torchrun job killed half-way (about 20 s)
+def test_a_rank_that_dies_leaves_no_checkpoint_behind(tmp_path, tiny_corpus):
+    import signal
+    import time
+
+    args = train_args(tmp_path / "m.pt", tiny_corpus)
+    args[args.index("--steps") + 1] = "100000"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "circuitir.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env, cwd=ROOT)
+
+    def rank_one() -> int | None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RANK=1" in environ and b"circuitir.cli" in cmdline and str(tmp_path).encode() in cmdline:
+                return int(entry.name)
+        return None
+
+    deadline = time.time() + 120
+    victim = None
+    while victim is None and time.time() < deadline:
+        time.sleep(1)
+        victim = rank_one()
+    assert victim is not None, "rank 1 never started"
+    time.sleep(8)  # training under way (the tiny preset writes a checkpoint every 20 steps)
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode != 0
+    # Whatever rank 0 had written is a whole checkpoint (a periodic one) or nothing; never a fragment.
+    if (tmp_path / "m.pt").exists():
+        assert 0 < load_model(tmp_path / "m.pt").meta["step"] < 100000
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
