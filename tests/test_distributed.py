@@ -50,9 +50,13 @@ def test_train_and_eval_on_cuda_match_cpu(tmp_path, tiny_corpus):
     for device in ("cpu", "cuda"):
         code, _, err = cli(*train_args(tmp_path / f"{device}.pt", tiny_corpus)[:-2], "--device", device)
         assert code == 0, err
-    a, b = load_model(tmp_path / "cpu.pt").model, load_model(tmp_path / "cuda.pt").model
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(x, y.cpu(), atol=1e-3), name
+    a, b = load_model(tmp_path / "cpu.pt"), load_model(tmp_path / "cuda.pt")
+    assert b.meta["training"]["device"] == "cuda"
+    # Different kernels round differently, and the top-k projection can then keep another weight at
+    # a near tie: compare what training reached, and how much of the sparsity pattern is shared.
+    assert a.meta["metrics"]["val_loss"] == pytest.approx(b.meta["metrics"]["val_loss"], abs=0.05)
+    for (name, x), y in zip(a.model.sparse_parameters().items(), b.model.sparse_parameters().values()):
+        assert float(((x != 0) == (y != 0)).float().mean()) > 0.95, name
     code, out, err = cli("eval", tmp_path / "cuda.pt", "--task", "quotes", "--device", "cuda", "--json", "-n", "64")
     assert code == 0, err
 
