@@ -21,18 +21,22 @@ from circuitir.errors import UserError
 from circuitir.ir.circuit import Circuit
 
 
-def load_model(path):
+def load_model(path, tokenizer=None):
     """A checkpoint (circuitir's, or OpenAI's directory / ``final_model.pt``), loaded without unpickling
-    arbitrary objects. Refuses a model circuitir cannot tokenize prompts for."""
+    arbitrary objects. ``tokenizer``: the directory of the BPE files a release's config names (else
+    $CIRCUITIR_TOKENIZER or the files beside it). Refuses a model circuitir cannot tokenize prompts for."""
     from circuitir.models.checkpoint import LoadedModel
     from circuitir.models.checkpoint import load_model as load_checkpoint
+    from circuitir.models.tokenizer import TOKENIZER_ENV
 
     if isinstance(path, LoadedModel):
         return path
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, tokenizer=tokenizer)
     if loaded.tokenizer is None:
-        raise UserError(f"{path} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer; "
-                        "circuitir reads only byte-level models without one")
+        name = loaded.config.extra.get("tokenizer_name", "tinypython_2k")
+        raise UserError(f"{path} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer: its config "
+                        f"names {name}; give that tokenizer's files with --tokenizer DIR or ${TOKENIZER_ENV} "
+                        "(a directory holding vocab.bpe and encoder.json)")
     return loaded
 
 

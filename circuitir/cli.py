@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from circuitir.errors import UserError
 
@@ -60,7 +61,10 @@ def cmd_train(args) -> int:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log)
+    metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log,
+                    device=args.device, dtype=args.dtype)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 reports
+        return 0
     if args.json:
         print_json(metrics)
     else:
@@ -74,17 +78,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from circuitir.models.checkpoint import load_model
-    from circuitir.tasks import TASKS, get_task
+    from circuitir.models.device import resolve_device
     from circuitir.tasks.evaluate import evaluate_model
 
-    loaded = load_model(args.model)
-    names = list(TASKS) if args.task == "all" else [get_task(args.task).name]
-    if loaded.tokenizer is None:
-        raise UserError(f"{args.model} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer; "
-                        "circuitir reads only byte-level models without one")
-    rows = [evaluate_model(loaded.model, TASKS[name], loaded.tokenizer, args.split, args.n, args.seed)
-            for name in names]
+    tasks = resolve_tasks(args, allow_all=True)
+    device = resolve_device(args.device)
+    loaded = load(args.model, args)
+    loaded.model.to(device)
+    check_task_tokens(tasks, loaded.tokenizer)
+    rows = [evaluate_model(loaded.model, task, loaded.tokenizer, args.split, args.n, args.seed) for task in tasks]
     if args.json:
         print_json(rows[0] if len(rows) == 1 else rows)
     else:
@@ -154,15 +156,48 @@ def read_circuit_with_comments(path: str):
     return parse_with_comments(read_text(path), path)
 
 
-def load(path: str):
+def load(path: str, args=None):
+    """A model, with the --tokenizer the command was given (if any)."""
     from circuitir.api import load_model
-    return load_model(path)
+    return load_model(path, tokenizer=getattr(args, "tokenizer", None))
+
+
+def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> list:
+    """The task(s) a command was given: ``--task NAME`` (or ``all`` where allowed) or ``--task-file
+    T.jsonl``, which is registered so that a circuit header naming it resolves (circuitir.tasks.task_file)."""
+    from circuitir.tasks import TASKS, get_task
+
+    name, task_file = getattr(args, "task", None), getattr(args, "task_file", None)
+    if name and task_file:
+        raise UserError("give --task or --task-file, not both")
+    if task_file:
+        from circuitir.tasks.task_file import register_task_file
+        return [register_task_file(task_file)]
+    if not name:
+        if required:
+            raise UserError("no task given: use --task NAME (see `circuitir tasks`) or --task-file T.jsonl")
+        return []
+    if name == "all" and allow_all:
+        return list(TASKS.values())
+    return [get_task(name)]
+
+
+def circuit_task_name(circuit) -> str | None:
+    task = circuit.header.get("task")
+    return task.get("name") if isinstance(task, dict) else None
+
+
+def check_task_tokens(tasks, tokenizer) -> None:
+    """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
+    for task in tasks:
+        if hasattr(task, "check_tokenizer"):
+            task.check_tokenizer(tokenizer)
 
 
 def cmd_trace(args) -> int:
     from circuitir.ir.trace import summary
 
-    info = summary(load(args.model).model)
+    info = summary(load(args.model, args).model)
     if args.json:
         print_json(info)
         return 0
@@ -216,10 +251,12 @@ def cmd_extract(args) -> int:
     from circuitir.grammar import emit
     from circuitir.models.checkpoint import atomic_write_text
     from circuitir.runtime.extract import extract
-    from circuitir.tasks import get_task
 
-    task = get_task(args.task)
-    loaded = load(args.model)
+    if args.task == "all":
+        return extract_all(args)
+    task = resolve_tasks(args)[0]
+    loaded = load(args.model, args)
+    check_task_tokens([task], loaded.tokenizer)
     circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
                                ablation=args.ablation, seed=args.seed, progress=show_progress(args))
     atomic_write_text(args.output, emit(circuit))
@@ -231,12 +268,46 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def extract_all(args) -> int:
+    """--task all: every task into -o DIR, --jobs at a time; exit 1 if any task could not be extracted."""
+    from circuitir.sweep import extract_many
+    from circuitir.tasks import TASKS
+
+    loaded = load(args.model, args)  # bad input (the model, its tokenizer) fails here, once
+    options = dict(pipeline=args.pipeline, target=args.target_loss, ablation=args.ablation, seed=args.seed)
+    started = time.time()
+    rows = extract_many(args.model, list(TASKS), args.output, jobs=args.jobs, tokenizer_dir=args.tokenizer,
+                        loaded=loaded, **options)
+    seconds = time.time() - started
+    if args.json:
+        print_json({"tasks": rows, "jobs": args.jobs, "seconds": seconds})
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"{row['task']:28s} not extracted: {row['error']}")
+            else:
+                print(f"{row['task']:28s} {row['nodes']:5d} nodes {row['edges']:6d} edges  loss {row['loss']:.4f}  "
+                      f"-> {row['output']}")
+        print(f"{len(rows)} tasks in {seconds:.0f} s with {args.jobs} job{'s' if args.jobs != 1 else ''}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
 def cmd_check(args) -> int:
     from circuitir.runtime.check import check
 
     circuit = read_circuit(args.circuit)
-    result = check(circuit, load(args.model), n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
+    tasks = resolve_tasks(args, required=False)
+    recorded = circuit_task_name(circuit)
+    if tasks and tasks[0].name != recorded:
+        raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
+                        f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
+    loaded = load(args.model, args)
+    result = check(circuit, loaded, n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args), nonsense=args.nonsense)
+    if args.prompts:  # reported beside the claims; it does not change whether they hold
+        from circuitir.tasks.user_prompts import prompt_agreement
+        target = circuit.header.get("metrics", {}).get("target_loss")
+        result["prompts"] = prompt_agreement(circuit, loaded, args.prompts, target)
     if args.json:
         print_json(result)
     else:
@@ -270,6 +341,11 @@ def format_check(result: dict) -> str:
     unnecessary = [row for row in m["nodes"] if not row["necessary"]]
     for row in unnecessary[:10]:
         lines.append(f"{'':20s} not necessary: {row['node']} (loss without it {row['loss_without']:.4f})")
+    if "prompts" in result:
+        p = result["prompts"]
+        lines.append(f"{'your prompts':13s} {'':6s} {p['n']} from {p['file']}: circuit loss {p['circuit']['loss']:.4f} "
+                     f"(accuracy {p['circuit']['accuracy']:.3f}), model loss {p['model']['loss']:.4f} (accuracy "
+                     f"{p['model']['accuracy']:.3f}), circuit and model agree on {p['agreement']:.3f}")
     lines.append("all claims hold" if result["passed"] else "some claims FAIL")
     return "\n".join(lines)
 
@@ -291,16 +367,17 @@ def format_controls(controls: dict, target: float) -> list[str]:
 
 def cmd_diff(args) -> int:
     from circuitir.runtime.diff import behavioural_diff, format_diff, structural_diff
-    from circuitir.tasks import get_task
 
     a, b = read_circuit(args.a), read_circuit(args.b)
     diff = structural_diff(a, b, tolerance=args.tolerance, header=not args.ignore_header)
     behaviour = None
-    if args.model or args.task:
-        if not (args.model and args.task):
-            raise UserError("a behavioural diff needs both --model and --task")
-        loaded = load(args.model)
-        behaviour = behavioural_diff(a, b, get_task(args.task), loaded.tokenizer, n=args.n)
+    if args.model or args.task or args.task_file:
+        tasks = resolve_tasks(args, required=False)
+        if not (args.model and tasks):
+            raise UserError("a behavioural diff needs both --model and --task (or --task-file)")
+        loaded = load(args.model, args)
+        check_task_tokens(tasks, loaded.tokenizer)
+        behaviour = behavioural_diff(a, b, tasks[0], loaded.tokenizer, n=args.n)
     differ = not diff.equal or (behaviour is not None and behaviour["predictions_differ"] > 0)
     if args.json:
         print_json({"structural": diff.to_dict(), "behavioural": behaviour, "equal": not differ})
@@ -383,7 +460,101 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_import_viz(args) -> int:
+    from circuitir.grammar import emit
+    from circuitir.interop.openai_viz import import_viz, task_from_path
+    from circuitir.models.checkpoint import atomic_write_text
+
+    tasks = resolve_tasks(args, required=False)
+    task = tasks[0] if tasks else task_from_path(args.viz)
+    if task is None:
+        raise UserError(f"cannot tell the task from the path {args.viz} (OpenAI's layout is "
+                        "viz/<model>/<task>/<sweep>/<k>/viz_data.pt); give --task or --task-file")
+    loaded = load(args.model, args)
+    check_task_tokens([task], loaded.tokenizer)
+    circuit, summary = import_viz(args.viz, loaded, task, tokens=args.mean_tokens, seed=args.seed,
+                                  target=args.target_loss)
+    atomic_write_text(args.output, emit(circuit))
+    if args.json:
+        print_json(summary)
+    else:
+        theirs = summary["openai"]
+        reported = (f"; OpenAI reports loss {theirs['interv_loss']:.4f}" if "interv_loss" in theirs else "")
+        print(f"wrote {args.output}: {summary['nodes']} nodes ({summary['dropped_nodes']} of the "
+              f"{summary['imported_nodes']} imported have no path to the logits), {summary['edges']} edges, "
+              f"held-out loss {summary['loss']:.4f} on {summary['task']}{reported}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from circuitir.models.checkpoint import atomic_write_text
+
+    if not args.input.endswith(".cir"):  # a model: convert it
+        if args.format != "safetensors" or not args.output:
+            raise UserError("a model exports only as --format safetensors, with -o M.safetensors")
+        if not args.output.endswith(".safetensors"):
+            raise UserError(f"-o {args.output}: a safetensors model file must end in .safetensors")
+        from circuitir.models.checkpoint import save_checkpoint
+        loaded = load(args.input, args)
+        meta = {k: v for k, v in loaded.meta.items() if k not in ("format", "version", "config", "tokenizer")}
+        sha = save_checkpoint(args.output, loaded.model, loaded.tokenizer, **meta)
+        print(f"wrote {args.output} (sha256 {sha[:12]}...)")
+        return 0
+    circuit = read_circuit(args.input)
+    if args.format == "safetensors":
+        from circuitir.interop.export import save_circuit_safetensors
+        if not args.output:
+            raise UserError("--format safetensors writes a binary file: give -o C.safetensors")
+        save_circuit_safetensors(circuit, args.output)
+        print(f"wrote {args.output}")
+        return 0
+    from circuitir.interop.export import graph_json, node_statistics
+    from circuitir.runtime.run import circuit_tokenizer
+
+    stats, tokenizer = None, None
+    if args.model:
+        tasks = resolve_tasks(args, required=False)
+        loaded = load(args.model, args)
+        tokenizer = loaded.tokenizer
+        recorded = circuit_task_name(circuit)
+        from circuitir.tasks import get_task
+        task = tasks[0] if tasks else get_task(recorded) if recorded else None
+        if task is None:
+            raise UserError("activation statistics need a task: the circuit's header names none; give --task")
+        stats = node_statistics(circuit, loaded, task, n=args.n)
+    else:
+        try:
+            tokenizer = circuit_tokenizer(circuit)
+        except UserError:
+            tokenizer = None  # token strings are a courtesy; ids are always written
+    text = json.dumps(graph_json(circuit, tokenizer, stats), indent=1) + "\n"
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
+
+def add_task_file_option(p, text: str | None = None) -> None:
+    p.add_argument("--task-file", metavar="T.jsonl",
+                   help=text or "your own task instead of --task: one JSON object per line with prompt, answer, "
+                                "alternative and optionally split (train|heldout)")
+
+
+def add_device_option(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps "
+                                                    "[default: auto]")
+
+
+def add_model_options(p) -> None:
+    """Options of every command that loads a model."""
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with vocab.bpe and encoder.json, for a model whose config names a BPE "
+                        "(OpenAI's tinypython_2k) [default: $CIRCUITIR_TOKENIZER, or the files beside the model]")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -408,7 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (same seed, same weights)")
     p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log", help="append one JSON line per evaluation to this file")
+    p.add_argument("--log", "--log-file", dest="log",
+                   help="append one JSON line per evaluation to this file (under torchrun write --log-file: "
+                        "torchrun's own parser takes --log for its --log-dir)")
+    add_device_option(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the forward and backward passes (autocast; weights stay float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print final metrics as JSON")
     p.set_defaults(run=cmd_train)
@@ -417,11 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Binary cross-entropy between the correct and alternative next token at "
                                    "the last position (the paper's task loss), and accuracy, on held-out prompts.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
-    p.add_argument("--task", required=True, help="task name or alias, or 'all' (see `circuitir tasks`)")
+    p.add_argument("--task", help="task name or alias, or 'all' (see `circuitir tasks`)")
+    add_task_file_option(p)
     p.add_argument("--split", default="heldout", choices=["heldout", "train"])
     p.add_argument("-n", type=int, default=512, help="number of prompts [default: 512]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {task, loss, accuracy, n}")
+    add_device_option(p)
+    add_model_options(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("tasks", help="list the tasks with one example each")
@@ -441,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace the model with torch.fx (sites as leaves) and summarise it.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
     p.add_argument("--json", action="store_true")
+    add_model_options(p)
     p.set_defaults(run=cmd_trace)
 
     p = sub.add_parser("passes", help="list the compiler passes and their options")
@@ -451,8 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pass pipeline (trace, ablate, prune, lower, fold-constants, dce) and "
                                    "write the circuit as .cir. The file is written only when extraction finishes.")
     p.add_argument("model", help="checkpoint (.pt) or OpenAI release directory")
-    p.add_argument("--task", required=True, help="task name or alias (see `circuitir tasks`)")
-    p.add_argument("-o", "--output", required=True, help=".cir file to write")
+    p.add_argument("--task", help="task name or alias (see `circuitir tasks`), or 'all' (-o is then a directory)")
+    add_task_file_option(p)
+    p.add_argument("-o", "--output", required=True, help=".cir file to write (with --task all: a directory)")
+    p.add_argument("--jobs", type=int, default=1, help="with --task all: extractions run in parallel [1]")
     p.add_argument("--target-loss", type=float, help="task loss the circuit must reach [default: 0.15 nats]")
     p.add_argument("--ablation", choices=["mean", "zero", "resample"],
                    help="what replaces channels outside the circuit [default: mean over the pretraining corpus]")
@@ -460,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (same seed, byte-identical file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print {task, nodes, edges, loss, target_loss, seconds}")
+    add_model_options(p)
     p.set_defaults(run=cmd_extract)
 
     p = sub.add_parser("check", help="verify a circuit against its model: sufficiency, necessity, minimality, "
@@ -474,9 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-control", action="store_true", help="skip the random re-initialised model control")
     p.add_argument("--nonsense", action="store_true",
                    help="also run the extraction on the task with shuffled labels (an extraction's time)")
+    add_task_file_option(p, "the task file the circuit was extracted on (its header records the file's hash)")
+    p.add_argument("--prompts", metavar="P.jsonl",
+                   help="also measure the circuit alone and its agreement with the model on your prompts "
+                        "(task-file format; reported, not a claim)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print {sufficiency, necessity, minimality, faithfulness, controls, passed}")
+    add_model_options(p)
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("run", help="run a circuit on prompts, without the model",
@@ -493,11 +681,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--model", help="model for the tokenizer of a behavioural diff")
     p.add_argument("--task", help="task for a behavioural diff")
+    add_task_file_option(p)
     p.add_argument("-n", type=int, default=256, help="held-out prompts for the behavioural diff")
     p.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance for weights [1e-6]")
     p.add_argument("--ignore-header", action="store_true", help="compare structure only")
     p.add_argument("--json", action="store_true")
+    add_model_options(p)
     p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("import-viz", help="turn OpenAI's released circuit (viz_data.pt) into a .cir",
+                       description="Read OpenAI's pruning result (circuit_data: kept channels per location; "
+                                   "importances) with weights_only=True and lower it on the model it was pruned "
+                                   "on, mean-ablated like an extracted circuit, so it runs, checks and diffs.")
+    p.add_argument("viz", help="viz_data.pt (viz/<model>/<task>/<sweep>/<k>/viz_data.pt)")
+    p.add_argument("--model", required=True, help="the model it was pruned on (OpenAI release directory)")
+    p.add_argument("-o", "--output", required=True, help=".cir file to write")
+    p.add_argument("--task", help="task name [default: the one the viz path names]")
+    add_task_file_option(p)
+    p.add_argument("--target-loss", type=float, default=0.15, help="target loss check holds it to [0.15]")
+    p.add_argument("--mean-tokens", type=int, default=65536, help="corpus tokens the means are taken over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_model_options(p)
+    p.set_defaults(run=cmd_import_viz)
+
+    p = sub.add_parser("export", help="write a circuit as graph JSON or safetensors (or a model as safetensors)",
+                       description="--format json: a graph file shaped like circuit-tracer's and Neuronpedia's "
+                                   "(metadata, nodes with layer/site/index/label/statistics, links with weights; "
+                                   "README, Export). --format safetensors: the circuit's tensors; given a model "
+                                   "instead of a .cir, the model as a .safetensors checkpoint.")
+    p.add_argument("input", help=".cir file (or a model checkpoint to convert to safetensors)")
+    p.add_argument("--format", choices=["json", "safetensors"], default="json")
+    p.add_argument("-o", "--output", help="file to write [json: standard output]")
+    p.add_argument("--model", help="with a model, nodes get activation statistics on the task's held-out prompts")
+    p.add_argument("--task", help="task for the statistics [default: the circuit's]")
+    add_task_file_option(p)
+    p.add_argument("-n", type=int, default=128, help="held-out prompts for the statistics [128]")
+    add_model_options(p)
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("render", help="draw a circuit: SVG, PDF, PNG, DOT or TikZ (laid out by Graphviz)",
                        description="Layers bottom to top, one band per layer and sublayer, a head's q/k/v "

@@ -141,7 +141,7 @@ def test_release_with_missing_weight_is_a_user_error(tmp_path, make_model):
         load_model(tmp_path / "release")
 
 
-@pytest.mark.parametrize("key,value", [("rotary", True), ("sinusoidal_cat_pos_emb", True)])
+@pytest.mark.parametrize("key,value", [("rotary", True), ("use_tied_aux_matrix", True), ("d_pos_emb", 4)])
 def test_unknown_architecture_options_are_refused(key, value):
     raw = tiny_config().to_dict()
     raw[key] = value

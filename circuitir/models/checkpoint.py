@@ -8,6 +8,20 @@ Two formats load:
 * OpenAI's releases: a directory with ``beeg_config.json`` and
   ``final_model.pt`` (a bare state dict), or that ``.pt`` with the JSON beside it.
 
+OpenAI's reference ``GPT`` registers three buffers. ``final_logits_bias`` and
+``bigram_table`` (a buffer when the table is not learnable) are part of the
+model and load as such; ``transformer.h.{i}.attn.bias``, the causal mask a
+model built with ``flash=False`` carries (shape ``(1, 1, block_size,
+block_size)``, lower-triangular ones), is not a weight: it is checked to be
+exactly that mask and dropped, since circuitir builds the same mask from the
+sequence length. A mask that is anything else is refused (it would change
+which tokens attend to which). Config fields: see :mod:`circuitir.models.config`.
+
+Both circuitir formats have a safetensors twin: a path ending in
+``.safetensors`` saves the weights there with config, tokenizer and the
+plain metadata as JSON strings in the file's metadata (no optimiser state,
+so such a file cannot resume training), and loads back the same way.
+
 Every write goes to a temporary file in the target directory and is renamed
 into place, so an interrupted save never leaves half a checkpoint.
 """
@@ -27,7 +41,7 @@ import torch
 from circuitir.errors import UserError
 from circuitir.models.config import GPTConfig
 from circuitir.models.gpt import SparseGPT
-from circuitir.models.tokenizer import tokenizer_from_spec
+from circuitir.models.tokenizer import openai_tokenizer, tokenizer_from_spec
 
 FORMAT = "circuitir-checkpoint"
 FORMAT_VERSION = 1
@@ -88,11 +102,34 @@ def _torch_load(path: Path):
                         "OpenAI model file? re-download or re-train it)") from None
 
 
+CAUSAL_MASK_SUFFIX = ".attn.bias"
+
+
+def _drop_causal_masks(config: GPTConfig, state_dict: dict, path: Path) -> dict:
+    """Remove OpenAI's ``transformer.h.{i}.attn.bias`` buffers after checking each is the causal mask."""
+    out = {}
+    for key, value in state_dict.items():
+        layer = key[len("transformer.h."):-len(CAUSAL_MASK_SUFFIX)] if isinstance(key, str) else ""
+        if not (isinstance(key, str) and key.startswith("transformer.h.") and key.endswith(CAUSAL_MASK_SUFFIX)
+                and layer.isdigit()):
+            out[key] = value
+            continue
+        size = config.block_size
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (1, 1, size, size):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(f"checkpoint {path} does not fit its config ({key} is {found}, a causal mask for "
+                            f"block_size {size} is {(1, 1, size, size)})")
+        if not torch.equal(value[0, 0] != 0, torch.ones(size, size, dtype=torch.bool).tril()):
+            raise UserError(f"checkpoint {path}: {key} is not the causal mask (lower-triangular ones); "
+                            "circuitir only runs causal attention")
+    return out
+
+
 def _build(config: GPTConfig, state_dict: dict, path: Path) -> SparseGPT:
     model = SparseGPT(config)
     if not isinstance(state_dict, dict):
         raise UserError(f"checkpoint {path} holds no state dict of weights")
-    state_dict = dict(state_dict)
+    state_dict = _drop_causal_masks(config, dict(state_dict), path)
     expected = model.state_dict()
     for key, value in state_dict.items():
         # load_state_dict reports a wrong shape as a RuntimeError; it is the user's file that is wrong.
@@ -114,13 +151,20 @@ def _build(config: GPTConfig, state_dict: dict, path: Path) -> SparseGPT:
     return model
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load a circuitir checkpoint or an OpenAI release (directory, or .pt with its JSON beside it)."""
+def load_model(path: str | Path, tokenizer: str | Path | None = None) -> LoadedModel:
+    """Load a circuitir checkpoint or an OpenAI release (directory, or .pt with its JSON beside it).
+
+    ``tokenizer``: a directory with ``vocab.bpe`` and ``encoder.json`` for a release whose config
+    names a BPE (``tokenizer_name``); without it, $CIRCUITIR_TOKENIZER, $TINYPYTHON_TOK_DIR or the
+    release directory itself are tried, and a model with more than 256 tokens comes back with
+    ``tokenizer=None`` when none holds the files."""
     path = Path(path)
     if path.is_dir():
-        return _load_openai(path / "beeg_config.json", path / "final_model.pt")
+        return _load_openai(path / "beeg_config.json", path / "final_model.pt", tokenizer_dir=tokenizer)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     raw = _torch_load(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         if raw.get("version") != FORMAT_VERSION:
@@ -132,12 +176,13 @@ def load_model(path: str | Path) -> LoadedModel:
         return LoadedModel(model, tokenizer_from_spec(raw.get("tokenizer")), file_sha256(path), str(path), meta)
     config_path = path.with_name("beeg_config.json")
     if isinstance(raw, dict) and config_path.exists():
-        return _load_openai(config_path, path, state_dict=raw)
+        return _load_openai(config_path, path, state_dict=raw, tokenizer_dir=tokenizer)
     raise UserError(f"{path} is not a circuitir checkpoint, and there is no beeg_config.json beside it "
                     "to read it as an OpenAI release")
 
 
-def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None = None) -> LoadedModel:
+def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None = None,
+                 tokenizer_dir: str | Path | None = None) -> LoadedModel:
     if not config_path.exists():
         raise UserError(f"no config at {config_path} (an OpenAI release directory holds beeg_config.json "
                         "and final_model.pt)")
@@ -145,20 +190,59 @@ def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None 
         raw_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
-    config = GPTConfig.from_dict(raw_config)
+    config = GPTConfig.from_openai(raw_config)
     if state_dict is None:
         if not weights_path.exists():
             raise UserError(f"no such checkpoint: {weights_path}")
         state_dict = _torch_load(weights_path)
     model = _build(config, state_dict, weights_path)
-    tokenizer_spec = {"kind": "bytes"} if config.vocab_size <= 256 else None
-    tokenizer = tokenizer_from_spec(tokenizer_spec) if tokenizer_spec else None
+    tokenizer = openai_tokenizer(config.extra.get("tokenizer_name"), config.vocab_size, tokenizer_dir,
+                                 beside=config_path.parent)
     return LoadedModel(model, tokenizer, file_sha256(weights_path), str(weights_path),
                        {"source": "openai", "config": config.to_dict()})
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("the safetensors package is needed for .safetensors models (pip install safetensors)") \
+            from None
+    return safetensors
+
+
+def _load_safetensors(path: Path) -> LoadedModel:
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # a truncated or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not a circuitir safetensors checkpoint (its metadata has no "
+                        f"format={FORMAT}); save one with `circuitir export M.pt --format safetensors`")
+    try:
+        config, spec, meta = (json.loads(metadata.get(k, "null")) for k in ("config", "tokenizer", "meta"))
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint {path}: its metadata is not valid JSON") from None
+    model = _build(GPTConfig.from_dict(config), state_dict, path)
+    return LoadedModel(model, tokenizer_from_spec(spec), file_sha256(path), str(path), dict(meta or {}))
+
+
 def save_checkpoint(path: str | Path, model: SparseGPT, tokenizer, **meta) -> str:
-    """Write a circuitir checkpoint atomically; returns its SHA-256."""
+    """Write a circuitir checkpoint atomically (safetensors when the path ends so); returns its SHA-256."""
+    if Path(path).suffix == ".safetensors":
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tied_unembed:  # one tensor stored once; loading ties it again
+            state.pop("lm_head.weight")
+        meta.pop("optimizer", None)
+        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(model.config.to_dict()),
+                    "tokenizer": json.dumps(tokenizer.spec), "meta": json.dumps(meta)}
+        with atomic_path(path) as temp:
+            _safetensors().torch.save_file(state, str(temp), metadata=metadata)
+        return file_sha256(path)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
                "tokenizer": tokenizer.spec, "state_dict": model.state_dict(), **meta}
     with atomic_path(path) as temp:

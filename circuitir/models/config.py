@@ -1,9 +1,34 @@
 """Model configuration, field-compatible with OpenAI's released ``GPTConfig``.
 
-A released ``beeg_config.json`` loads through :meth:`GPTConfig.from_dict`:
-training-only keys are ignored, the old name ``n_mlp`` becomes ``d_mlp``, and
-architecture options this implementation does not have are refused by name
-(silently ignoring one would give wrong logits).
+A released ``beeg_config.json`` loads through :meth:`GPTConfig.from_openai`
+(``from_dict`` with OpenAI's defaults for absent fields): training-only keys
+are ignored, the old name ``n_mlp`` becomes ``d_mlp``, and architecture
+options this implementation does not have are refused by name (silently
+ignoring one would give wrong logits).
+
+Every field of OpenAI's reference ``GPTConfig`` is accounted for:
+
+* forward-pass fields, implemented: ``block_size``, ``vocab_size``,
+  ``n_layer``, ``n_head``, ``d_head``, ``d_model``, ``d_mlp`` (``n_mlp``),
+  ``bias``, ``ln_bias``, ``rms_norm``, ``residual_activation_type``,
+  ``activation_type``, ``afrac``, ``afrac_loctypes``, ``tied_unembed``,
+  ``enable_bigram_table``, ``sink``;
+* kept in :attr:`GPTConfig.extra` and otherwise ignored, because they change
+  training, kernels, speed or initialisation but not the logits of loaded
+  weights: ``dropout``, ``flash``, ``grad_checkpointing``, ``debug_nans``,
+  ``enable_sparse_kernels``, ``learnable_bigram_table`` (parameter or buffer,
+  same key), ``bigram_table_rank`` (OpenAI's own loader drops it),
+  ``dropout_cat_pos_emb`` and ``sinusoidal_cat_pos_emb`` (they only touch the
+  concatenated positional embedding, refused below), and ``tokenizer_name``
+  (it names the tokenizer; see :mod:`circuitir.models.tokenizer`); and from
+  older releases ``pfrac``, ``expansion_factor(_mlp)``, ``debug_exact_topk``,
+  ``sparse_matmul_impl``, and ``n_embd`` (GPT-2's ``d_model``: it must agree);
+* refused with one line: ``d_pos_emb`` set to anything (OpenAI's model then
+  *concatenates* a separate positional embedding to every layer's input, with
+  its own norms: other weight shapes and other sites), ``use_tied_aux_matrix``
+  true (OpenAI's loader refuses it too), an ``afrac_loctypes`` location other
+  than those in :data:`ACTIVATION_SPARSITY_LOCATIONS` (e.g. ``resid_post_mlp``),
+  and any key nobody has told circuitir about.
 """
 
 from __future__ import annotations
@@ -24,6 +49,9 @@ ACTIVATION_SPARSITY_LOCATIONS = (
 IGNORED_KEYS = frozenset({
     "dropout", "flash", "grad_checkpointing", "debug_nans", "tokenizer_name",
     "enable_sparse_kernels", "dropout_cat_pos_emb", "learnable_bigram_table",
+    "sinusoidal_cat_pos_emb", "bigram_table_rank",
+    # Older released configs also carry these (OpenAI's loader drops them): training and kernel settings.
+    "pfrac", "expansion_factor_mlp", "debug_exact_topk", "sparse_matmul_impl",
     "lr", "learning_rate", "batch_size", "total_tokens", "seed", "weight_decay",
     "warmup", "warmup_frac", "beta1", "beta2", "eps", "init_std", "run_name",
     "expansion_factor", "ef", "density", "target_density", "anneal_frac",
@@ -31,7 +59,14 @@ IGNORED_KEYS = frozenset({
 
 # Options whose non-default values change the forward pass in ways not implemented here.
 UNSUPPORTED_OPTIONS = {
-    "sinusoidal_cat_pos_emb": False,
+    "use_tied_aux_matrix": False,
+}
+
+# The defaults of OpenAI's reference GPTConfig where they differ from ours. A released
+# beeg_config.json normally lists every field; one that leaves a field out means theirs.
+OPENAI_DEFAULTS = {
+    "block_size": 1024, "vocab_size": 50304, "n_layer": 12, "n_head": 12, "d_head": None,
+    "d_model": 768, "d_mlp": None, "rms_norm": False, "tied_unembed": True,
 }
 
 
@@ -81,8 +116,10 @@ class GPTConfig:
             need(loc in ACTIVATION_SPARSITY_LOCATIONS,
                  f"unknown activation-sparsity location {loc!r} in afrac_loctypes "
                  f"(known: {', '.join(ACTIVATION_SPARSITY_LOCATIONS)})")
-        need(self.d_pos_emb is None or self.d_pos_emb == self.d_model,
-             "concatenated positional embeddings (d_pos_emb != d_model) are not supported")
+        need(self.d_pos_emb is None,
+             f"d_pos_emb={self.d_pos_emb!r}: concatenated positional embeddings (a separate positional "
+             "vector joined to every layer's input, with its own norms) are not supported by circuitir; "
+             "only models with d_pos_emb null load")
 
     @property
     def sparsity_locations(self) -> tuple[str, ...]:
@@ -96,6 +133,20 @@ class GPTConfig:
         return out
 
     @classmethod
+    def from_openai(cls, raw: dict) -> "GPTConfig":
+        """Read a released ``beeg_config.json``: absent fields take OpenAI's defaults, not ours."""
+        if not isinstance(raw, dict):
+            raise UserError("invalid model config: expected a JSON object of config fields")
+        filled = dict(raw)
+        if "n_mlp" in filled:
+            filled.setdefault("d_mlp", filled["n_mlp"])
+        if "n_embd" in filled:
+            filled.setdefault("d_model", filled["n_embd"])
+        for key, value in OPENAI_DEFAULTS.items():
+            filled.setdefault(key, value)
+        return cls.from_dict(filled)
+
+    @classmethod
     def from_dict(cls, raw: dict) -> "GPTConfig":
         """Build from an OpenAI-style config dict, refusing options we would silently get wrong."""
         if not isinstance(raw, dict):
@@ -104,13 +155,18 @@ class GPTConfig:
         if "n_mlp" in raw and "d_mlp" not in raw:
             raw["d_mlp"] = raw.pop("n_mlp")
         raw.pop("n_mlp", None)
+        if "n_embd" in raw:  # GPT-2's name for d_model, in some older released configs
+            n_embd = raw.pop("n_embd")
+            raw.setdefault("d_model", n_embd)
+            if raw["d_model"] != n_embd:
+                raise UserError(f"invalid model config: n_embd={n_embd!r} and d_model={raw['d_model']!r} disagree")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs, extra = {}, {}
         for key, value in raw.items():
             if key in known:
                 kwargs[key] = value
             elif key in UNSUPPORTED_OPTIONS:
-                if value != UNSUPPORTED_OPTIONS[key]:
+                if value not in (UNSUPPORTED_OPTIONS[key], None):
                     raise UserError(f"invalid model config: option {key}={value!r} is not supported by circuitir")
             elif key in IGNORED_KEYS:
                 extra[key] = value

@@ -111,8 +111,8 @@ def validation_loss(model: SparseGPT, tokens: torch.Tensor, windows: int = 64) -
     if len(tokens) <= block + 1:
         return float("nan")
     starts = torch.linspace(0, len(tokens) - block - 2, windows).long()
-    batch = torch.stack([tokens[s:s + block + 1] for s in starts])
-    logits = model(batch[:, :-1])
+    batch = torch.stack([tokens[s:s + block + 1] for s in starts]).to(next(model.parameters()).device)
+    logits = model(batch[:, :-1]).float()
     return float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
 
 
@@ -152,8 +152,13 @@ def make_optimizer(model: SparseGPT, recipe: Recipe) -> torch.optim.AdamW:
 
 
 def train_step(model: SparseGPT, optimizer: torch.optim.Optimizer, recipe: Recipe, step: int,
-               inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One optimiser step at ``step``, top-k projection included; returns (loss, density)."""
+               inputs: torch.Tensor, targets: torch.Tensor, forward=None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """One optimiser step at ``step``, top-k projection included; returns (loss, density).
+
+    ``forward`` is what runs the batch (the DistributedDataParallel wrapper in a torchrun job, whose
+    backward averages the gradients over ranks before the RMS normalisation, so every rank takes the
+    same step and projects the same weights); ``dtype`` bfloat16 runs forward and backward under autocast."""
     density = 1.0 if recipe.dense else density_at(step, recipe.steps, recipe.density,
                                                   recipe.anneal_start, recipe.anneal_end)
     lr = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
@@ -161,7 +166,10 @@ def train_step(model: SparseGPT, optimizer: torch.optim.Optimizer, recipe: Recip
         lr *= math.sqrt(recipe.density / density)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    forward = forward or model
+    with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = forward(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -175,20 +183,37 @@ def train_step(model: SparseGPT, optimizer: torch.optim.Optimizer, recipe: Recip
 
 
 def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bool = True,
-          log=None) -> dict:
-    """Train per ``recipe`` and write the checkpoint to ``out_path``; returns the final metrics."""
+          log=None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Train per ``recipe`` and write the checkpoint to ``out_path``; returns the final metrics.
+
+    ``device``/``dtype``: see :mod:`circuitir.models.device`. Under torchrun every rank runs this with
+    the same arguments: each takes its slice of every global batch (``recipe.batch_size`` rows in
+    all, so the run equals one process with the same batch, up to float summation order), and only
+    rank 0 evaluates, logs and writes checkpoints (atomically)."""
     from tqdm import tqdm
 
+    from circuitir.models.device import distributed_context, rank_device, resolve_device, resolve_dtype
+
+    target_device, precision = resolve_device(device), resolve_dtype(dtype)
+    dist_info = distributed_context(target_device)
+    target_device = rank_device(target_device, dist_info)
+    if recipe.batch_size % dist_info.world_size:
+        raise UserError(f"--batch-size {recipe.batch_size} does not split over {dist_info.world_size} ranks; "
+                        "use a multiple of the number of processes")
     torch.manual_seed(recipe.seed)
     tokenizer = ByteTokenizer()
     corpus: Corpus = load_corpus(recipe.corpus, tokenizer)
     config = GPTConfig.from_dict({"vocab_size": tokenizer.vocab_size, **recipe.model})
     model = SparseGPT(config)
     model.reset_parameters(torch.Generator().manual_seed(recipe.seed))
+    model.to(target_device)
     optimizer = make_optimizer(model, recipe)
     start_step = 0
     history: list[dict] = []
     if resume:
+        if str(resume).endswith(".safetensors"):
+            raise UserError(f"cannot resume from {resume}: a .safetensors model has no optimiser state; "
+                            "resume from the .pt checkpoint training wrote")
         raw = torch.load(resume, map_location="cpu", weights_only=True)
         if raw.get("recipe") != recipe.to_dict():
             raise UserError(f"cannot resume from {resume}: it was trained with a different recipe")
@@ -198,25 +223,38 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
         history = list(raw.get("history", []))
     pool = task_text_pool(tokenizer, seed=recipe.seed) if recipe.task_mix > 0 else None
     batches = Batches(corpus.train, pool, recipe, config.block_size)
+    forward = model
+    if dist_info.active:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[target_device.index] if target_device.type == "cuda"
+                                          else None)
+    rows = recipe.batch_size // dist_info.world_size
+    shard = slice(dist_info.rank * rows, (dist_info.rank + 1) * rows)
 
-    def checkpoint(step: int, metrics: dict | None = None) -> str:
+    def checkpoint(step: int, metrics: dict | None = None) -> str | None:
+        if not dist_info.is_main:  # one writer; the others wait at the next collective
+            return None
         return save_checkpoint(out_path, model, tokenizer, recipe=recipe.to_dict(), corpus=corpus.describe(),
                                seed=recipe.seed, step=step, optimizer=optimizer.state_dict(),
-                               history=history, metrics=metrics or {}, dense=recipe.dense)
+                               history=history, metrics=metrics or {}, dense=recipe.dense,
+                               training={"world_size": dist_info.world_size, "device": target_device.type,
+                                         "dtype": dtype})
 
-    bar = tqdm(range(start_step, recipe.steps), initial=start_step, total=recipe.steps, disable=not progress,
+    bar = tqdm(range(start_step, recipe.steps), initial=start_step, total=recipe.steps,
+               disable=not progress or not dist_info.is_main,
                desc="dense" if recipe.dense else "sparse", unit="step", dynamic_ncols=True)
     started = time.time()
     tokens_seen = 0
     model.train()
     for step in bar:
         inputs, targets = batches.get(step)
-        loss, density = train_step(model, optimizer, recipe, step, inputs, targets)
-        tokens_seen += inputs.numel()
+        inputs, targets = inputs[shard].to(target_device), targets[shard].to(target_device)
+        loss, density = train_step(model, optimizer, recipe, step, inputs, targets, forward, precision)
+        tokens_seen += inputs.numel() * dist_info.world_size
         rate = tokens_seen / max(1e-9, time.time() - started)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}", density=f"{density:.3f}")
         done = step + 1
-        if done % recipe.eval_every == 0 or done == recipe.steps:
+        if (done % recipe.eval_every == 0 or done == recipe.steps) and dist_info.is_main:
             record = {"step": done, "train_loss": float(loss), "val_loss": validation_loss(model, corpus.validation),
                       "density": density, "tokens_per_s": rate, "seconds": time.time() - started}
             model.train()
@@ -227,10 +265,13 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
             checkpoint(done)
     model.eval()
     metrics = {"val_loss": validation_loss(model, corpus.validation),
-               "tasks": evaluate_tasks(model, tokenizer),
+               "tasks": evaluate_tasks(model, tokenizer) if dist_info.is_main else {},
                "weight_density": weight_density(model),
                "train_seconds": time.time() - started}
     checkpoint(recipe.steps, metrics)
+    if dist_info.active:
+        import torch.distributed as dist
+        dist.barrier()  # every rank returns once the one checkpoint is in place
     return metrics
 
 

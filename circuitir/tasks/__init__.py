@@ -153,6 +153,8 @@ def bracket_brace(rng):
 
 
 TASKS: dict[str, Task] = {}
+# Tasks read from the user's files (circuitir.tasks.task_file), by their name, which carries the file's hash.
+FILE_TASKS: dict = {}
 
 
 def register(task: Task) -> None:
@@ -178,6 +180,13 @@ register(Task("bracket_brace", "close an open `(` with `)` and an open `[` with 
 
 
 def get_task(name: str) -> Task:
+    if name.startswith("file:"):
+        if name in FILE_TASKS:
+            return FILE_TASKS[name]
+        given = ", ".join(f"{t.path} ({t.name})" for t in FILE_TASKS.values())
+        raise UserError(f"task {name!r} comes from a task file (the part after @ is the start of its SHA-256); "
+                        + (f"the task file given, {given}, is another file" if given else
+                           "give that file with --task-file"))
     for task in TASKS.values():
         if name == task.name or name in task.aliases:
             return task

@@ -57,14 +57,15 @@ def encode_examples(task: Task, examples: list[Example], tokenizer, block_size: 
 
 def candidate_logits(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """(N, T, V) full logits -> (N, 2) logits of [correct, alternative] at each prompt's last token."""
-    at_last = logits[torch.arange(len(batch)), batch.last]
-    return torch.stack([at_last.gather(-1, batch.correct[:, None])[:, 0],
-                        at_last.gather(-1, batch.alternative[:, None])[:, 0]], dim=-1)
+    device = logits.device  # the model's; the batch's indices live on the CPU
+    at_last = logits[torch.arange(len(batch), device=device), batch.last.to(device)]
+    return torch.stack([at_last.gather(-1, batch.correct.to(device)[:, None])[:, 0],
+                        at_last.gather(-1, batch.alternative.to(device)[:, None])[:, 0]], dim=-1)
 
 
 def binary_loss(pair_logits: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy with column 0 the correct answer (nats)."""
-    return F.cross_entropy(pair_logits, torch.zeros(len(pair_logits), dtype=torch.long))
+    return F.cross_entropy(pair_logits, torch.zeros(len(pair_logits), dtype=torch.long, device=pair_logits.device))
 
 
 def accuracy(pair_logits: torch.Tensor) -> float:
@@ -76,9 +77,10 @@ def evaluate_model(model, task: Task, tokenizer, split: str = "heldout", n: int 
                    batch_size: int = 256) -> dict:
     batch = encode_examples(task, task.examples(split, n, seed), tokenizer, model.config.block_size)
     model.eval()
+    device = next(model.parameters()).device  # wherever the model was put (--device)
     pair_logits = torch.cat([
-        candidate_logits(model(batch.tokens[i:i + batch_size]), _slice(batch, i, i + batch_size))
-        for i in range(0, len(batch), batch_size)])
+        candidate_logits(model(batch.tokens[i:i + batch_size].to(device)), _slice(batch, i, i + batch_size))
+        for i in range(0, len(batch), batch_size)]).float().cpu()
     return {"task": task.name, "loss": float(binary_loss(pair_logits)), "accuracy": accuracy(pair_logits),
             "n": len(batch)}
 

@@ -1,0 +1,1 @@
+"""Reading and writing other tools' files: OpenAI's released circuits, graph JSON, safetensors."""

@@ -1,0 +1,167 @@
+"""import-viz: OpenAI's released circuits (viz_data.pt, written here in their layout) as .cir files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitir.grammar import parse
+from circuitir.models.checkpoint import load_model
+
+from conftest import cli
+
+PIPELINE = "trace, mean-ablate{tokens=4096}, prune{target=%s,steps=60,prompts=64,select=48}, lower, fold-constants, dce"
+
+
+def viz_payload(kept: dict, config: dict, loss: float = 0.05, interv_loss: float = 0.1) -> dict:
+    """OpenAI's viz_data.pt layout: kept indices per location, importances at twice the loss."""
+    return {
+        "circuit_data": {**{site: torch.tensor(sorted(idx), dtype=torch.long) for site, idx in kept.items()},
+                         "prune_config": {"k_coef": 1e-4, "lr": 3e-3}},
+        "importances": {"loss": 2 * loss, "interv_loss": 2 * interv_loss,
+                        "ch_interv_losses": {site: [2 * interv_loss] * len(idx) for site, idx in kept.items()},
+                        "layer_interv_losses": {}, "pair_data": [], "pair_data_connections": [],
+                        "task_samples": [[torch.tensor([1, 2, 3, 0, 0])]], "beeg_model_config": dict(config)},
+        "samples": {},
+        "num_total_nodes": 1000,
+    }
+
+
+def write_viz(root, payload: dict, task_dir: str = "bracket_brace_beeg"):
+    path = root / "viz" / "tiny" / task_dir / "prune_v4" / "k_optim" / "viz_data.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(bracket_model, tmp_path_factory):
+    path, metrics = bracket_model
+    full = metrics["tasks"]["bracket_brace"]["loss"]
+    target = 0.25 if full < 0.1 else round(full + 0.2, 2)
+    root = tmp_path_factory.mktemp("viz")
+    ours = root / "ours.cir"
+    code, _, err = cli("extract", path, "--task", "bracket_brace", "-o", ours, "--pipeline", PIPELINE % target)
+    assert code == 0, err
+    circuit = parse(ours.read_text(), str(ours))
+    kept: dict[str, list[int]] = {}
+    for node in circuit.kept_nodes():
+        kept.setdefault(node.site, []).append(node.index)
+    loaded = load_model(path)
+    config = {**loaded.config.to_dict(), "tokenizer_name": "tinypython_2k", "flash": False}
+    return {"model": path, "root": root, "ours": ours, "circuit": circuit, "kept": kept, "config": config,
+            "target": target}
+
+
+def test_import_gives_the_circuit_the_file_names_and_it_checks(setup):
+    viz = write_viz(setup["root"], viz_payload(setup["kept"], setup["config"]))
+    out = setup["root"] / "theirs.cir"
+    # The task comes from the path (bracket_brace_beeg -> bracket_brace); the means match extraction's.
+    code, stdout, err = cli("import-viz", viz, "--model", setup["model"], "-o", out, "--mean-tokens", "4096",
+                            "--target-loss", setup["target"], "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    imported = parse(out.read_text(), str(out))
+    assert imported.kept_nodes() == setup["circuit"].kept_nodes()
+    assert summary["imported_nodes"] == summary["nodes"] == setup["circuit"].n_nodes
+    assert summary["edges"] == setup["circuit"].n_edges and summary["dropped_nodes"] == 0
+    assert imported.header["task"]["name"] == "bracket_brace"
+    assert imported.header["openai"]["interv_loss"] == pytest.approx(0.1)  # stored doubled, read halved
+    assert imported.header["openai"]["loss"] == pytest.approx(0.05)
+    assert len(imported.header["openai"]["viz_sha256"]) == 64
+    # It runs, checks and diffs like an extracted circuit.
+    code, stdout, err = cli("check", out, setup["model"], "--no-control", "-n", "64", "--json")
+    assert code in (0, 1), err
+    result = json.loads(stdout)
+    assert result["faithfulness"]["exact"] and result["faithfulness"]["max_abs_logit_diff"] <= 1e-4
+    assert result["sufficiency"]["loss"] == pytest.approx(summary["loss"], abs=0.2)
+    code, stdout, err = cli("diff", setup["ours"], out, "--model", setup["model"], "--task", "bracket_brace",
+                            "-n", "32", "--json")
+    assert code in (0, 1), err
+    diff = json.loads(stdout)
+    assert diff["behavioural"]["n"] == 32
+    structural = diff["structural"]
+    assert structural["nodes"]["added"] == structural["nodes"]["removed"] == []
+    assert structural["edges"]["added"] == structural["edges"]["removed"] == []
+
+
+def test_nodes_with_no_path_to_the_logits_are_dropped_and_counted(setup):
+    # Add to the circuit a residual read of layer 0's MLP that no kept neuron reads (zero weights).
+    weight = load_model(setup["model"]).model.transformer.h[0].mlp.c_fc.weight
+    neurons = setup["kept"].get("0.mlp.post_act", [])
+    reads = setup["kept"].get("0.mlp.act_in", [])
+    dead = next(c for c in range(weight.shape[1]) if c not in reads and not weight[neurons, c].any())
+    kept = {**setup["kept"], "0.mlp.act_in": reads + [dead]}
+    viz = write_viz(setup["root"], viz_payload(kept, setup["config"]), "partial/bracket_brace")
+    out = setup["root"] / "partial.cir"
+    code, stdout, err = cli("import-viz", viz, "--model", setup["model"], "-o", out, "--mean-tokens", "4096",
+                            "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["imported_nodes"] == setup["circuit"].n_nodes + 1
+    assert summary["dropped_nodes"] == 1 and summary["nodes"] == setup["circuit"].n_nodes
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p["importances"]["beeg_model_config"].update(d_model=2048), "is for another model: its config has d_model 2048"),
+    (lambda p: p["circuit_data"].update({"0.mlp.post_act": torch.tensor([5000])}), "keeps channel 5000"),
+    (lambda p: p["circuit_data"].update({"7.mlp.post_act": torch.tensor([1])}), "this model has 1 layer)"),
+    (lambda p: p["circuit_data"].update({"0.attn.y": torch.tensor([1])}), "is not a site of this model"),
+    (lambda p: p["circuit_data"].update({"final_resid": torch.tensor([0.5])}), "not a list of channel indices"),
+])
+def test_a_viz_file_for_another_model_is_one_clear_line(setup, change, message):
+    payload = viz_payload(setup["kept"], setup["config"])
+    change(payload)
+    viz = write_viz(setup["root"], payload, "bad/bracket_brace")
+    code, out, err = cli("import-viz", viz, "--model", setup["model"], "-o", setup["root"] / "bad.cir")
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (setup["root"] / "bad.cir").exists()
+
+
+def test_a_viz_file_with_arbitrary_objects_is_refused(setup, tmp_path):
+    import argparse  # any class: weights_only=True refuses to build it
+    path = tmp_path / "viz_data.pt"
+    torch.save({"circuit_data": {}, "evil": argparse.Namespace(x=1)}, path)
+    code, _, err = cli("import-viz", path, "--model", setup["model"], "-o", tmp_path / "x.cir", "--task", "brackets")
+    assert code == 2 and "cannot read viz file" in err and err.count("\n") == 1
+    torch.save({"something": 1}, path)
+    code, _, err = cli("import-viz", path, "--model", setup["model"], "-o", tmp_path / "x.cir", "--task", "brackets")
+    assert code == 2 and "not an OpenAI viz_data.pt file" in err
+
+
+def test_a_path_that_names_no_task_needs_one(setup, tmp_path):
+    path = tmp_path / "viz_data.pt"
+    torch.save(viz_payload(setup["kept"], setup["config"]), path)
+    code, _, err = cli("import-viz", path, "--model", setup["model"], "-o", tmp_path / "x.cir")
+    assert code == 2 and "give --task or --task-file" in err
+
+
+def test_the_whole_openai_workflow_on_a_release_directory(setup, tmp_path):
+    """A model in OpenAI's release layout (config JSON with every field, flash=False masks): load it,
+    extract a task, import OpenAI's circuit for it, diff the two."""
+    from test_openai_checkpoint import openai_config_json, write_openai_release
+
+    loaded = load_model(setup["model"])
+    release = tmp_path / "csp_tiny"
+    write_openai_release(release, loaded.model, openai_config_json(loaded.config))
+    ours = tmp_path / "ours.cir"
+    pipeline = PIPELINE % setup["target"]
+    code, _, err = cli("extract", release, "--task", "bracket_brace", "-o", ours, "--pipeline", pipeline)
+    assert code == 0, err
+    extracted = parse(ours.read_text(), str(ours))
+    kept: dict[str, list[int]] = {}
+    for node in extracted.kept_nodes():
+        kept.setdefault(node.site, []).append(node.index)
+    viz = write_viz(tmp_path, viz_payload(kept, openai_config_json(loaded.config)))
+    theirs = tmp_path / "openai.cir"
+    code, _, err = cli("import-viz", viz, "--model", release, "-o", theirs, "--mean-tokens", "4096")
+    assert code == 0, err
+    code, stdout, err = cli("diff", theirs, ours, "--model", release, "--task", "bracket_brace", "-n", "32", "--json")
+    assert code in (0, 1), err
+    diff = json.loads(stdout)
+    assert diff["structural"]["nodes"]["added"] == diff["structural"]["nodes"]["removed"] == []
+    assert diff["behavioural"]["n"] == 32
+    assert parse(theirs.read_text(), str(theirs)).header["source"]["file"] == "final_model.pt"
