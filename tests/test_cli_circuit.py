@@ -20,7 +20,7 @@ from conftest import cli, randomize_, tiny_config
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 QUOTE_TOY = EXAMPLES / "quote_toy.cir"
-GOLDEN_DCE = Path(__file__).parent / "golden" / "dce.cir"
+GOLDEN_DCE = Path(__file__).parent / "golden" / "dce" / "one_layer.expected.cir"
 
 
 @pytest.fixture(scope="module")
