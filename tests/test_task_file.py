@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import json
 
 import pytest
@@ -140,6 +143,9 @@ def test_extract_and_check_on_a_task_file(bracket_model, bracket_file, file_circ
     circuit = parse(out.read_text(), str(out))
     name = circuit.header["task"]["name"]
     assert name == load_task_file(bracket_file).name and name == summary["task"]
+    # The header records the whole file hash, not only the name's prefix.
+    assert circuit.header["task"]["sha256"] == hashlib.sha256(Path(bracket_file).read_bytes()).hexdigest()
+    assert circuit.header["task"]["file"] == Path(bracket_file).name
     assert summary["loss"] <= summary["target_loss"]
     code, stdout, stderr = cli("check", out, bracket_model[0], "--task-file", bracket_file, "--no-control",
                                "-n", "64", "--json")

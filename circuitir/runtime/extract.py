@@ -78,6 +78,7 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
         "source": {"sha256": loaded.sha256, "file": str(loaded.path).rsplit("/", 1)[-1],
                    "tokenizer": loaded.tokenizer.spec},
         "task": {"name": task.name, "loss": "binary_ce_last_position",
+                 **({k: v for k, v in task.spec().items() if k != "name"} if hasattr(task, "spec") else {}),
                  "candidates": " ".join(repr(loaded.tokenizer.token_str(t)) for t in candidates)},
         "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens", "corpus_sha256")},
         "norm": "live",
