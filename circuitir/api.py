@@ -21,10 +21,12 @@ from circuitir.errors import UserError
 from circuitir.ir.circuit import Circuit
 
 
-def load_model(path, tokenizer=None):
+def load_model(path, tokenizer=None, device=None):
     """A checkpoint (circuitir's, or OpenAI's directory / ``final_model.pt``), loaded without unpickling
     arbitrary objects. ``tokenizer``: the directory of the BPE files a release's config names (else
-    $CIRCUITIR_TOKENIZER or the files beside it). Refuses a model circuitir cannot tokenize prompts for."""
+    $CIRCUITIR_TOKENIZER or the files beside it); ``device``: where the model runs (``auto``, ``cpu``,
+    ``cuda``, ``mps``; every masked graph and recording follows it, circuits and their files stay on the
+    CPU). Refuses a model circuitir cannot tokenize prompts for."""
     from circuitir.models.checkpoint import LoadedModel
     from circuitir.models.checkpoint import load_model as load_checkpoint
     from circuitir.models.tokenizer import TOKENIZER_ENV
@@ -32,6 +34,9 @@ def load_model(path, tokenizer=None):
     if isinstance(path, LoadedModel):
         return path
     loaded = load_checkpoint(path, tokenizer=tokenizer)
+    if device is not None:
+        from circuitir.models.device import resolve_device
+        loaded.model.to(resolve_device(device))
     if loaded.tokenizer is None:
         name = loaded.config.extra.get("tokenizer_name", "tinypython_2k")
         raise UserError(f"{path} has a {loaded.config.vocab_size}-token vocabulary and no tokenizer: its config "

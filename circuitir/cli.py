@@ -78,13 +78,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from circuitir.models.device import resolve_device
     from circuitir.tasks.evaluate import evaluate_model
 
     tasks = resolve_tasks(args, allow_all=True)
-    device = resolve_device(args.device)
-    loaded = load(args.model, args)
-    loaded.model.to(device)
+    loaded = load(args.model, args)  # on --device
     check_task_tokens(tasks, loaded.tokenizer)
     rows = [evaluate_model(loaded.model, task, loaded.tokenizer, args.split, args.n, args.seed) for task in tasks]
     if args.json:
@@ -159,7 +156,7 @@ def read_circuit_with_comments(path: str):
 def load(path: str, args=None):
     """A model, with the --tokenizer the command was given (if any)."""
     from circuitir.api import load_model
-    return load_model(path, tokenizer=getattr(args, "tokenizer", None))
+    return load_model(path, tokenizer=getattr(args, "tokenizer", None), device=getattr(args, "device", None))
 
 
 def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> list:
@@ -642,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (same seed, byte-identical file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print {task, nodes, edges, loss, target_loss, seconds}")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_extract)
 
@@ -664,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print {sufficiency, necessity, minimality, faithfulness, controls, passed}")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_check)
 

@@ -399,3 +399,18 @@ def test_ctrl_c_while_writing_leaves_nothing(setup, tmp_path, monkeypatch):
                        "--pipeline", setup["pipeline"], "--quiet")
     assert code == 130 and "interrupted" in err
     assert no_output(tmp_path), os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_extract_and_check_on_cuda_find_the_cpu_circuit(extracted, setup, tmp_path):
+    """--device cuda: the masked graphs, recordings and evaluations run on the GPU; the circuit and its
+    file stay on the CPU and keep the nodes the CPU extraction found."""
+    out = tmp_path / "cuda.cir"
+    code, stdout, stderr = cli("extract", setup["model"], "--task", TASK, "-o", out, "--pipeline",
+                               setup["pipeline"], "--device", "cuda", "--json")
+    assert code == 0, stderr
+    circuit = parse(out.read_text(), str(out))
+    assert circuit.kept_nodes() == extracted[2].kept_nodes()
+    code, stdout, stderr = cli("check", out, setup["model"], "--device", "cuda", "--no-control", "-n", 64, "--json")
+    result = json.loads(stdout)
+    assert result["faithfulness"]["max_abs_logit_diff"] <= 1e-4 and result["sufficiency"]["passed"]

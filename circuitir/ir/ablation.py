@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from circuitir.errors import UserError
-from circuitir.ir.masked import ablate, graph_of, with_recordings  # noqa: F401  (ablate: the reference)
+from circuitir.ir.masked import ablate, device_of, graph_of, with_recordings  # noqa: F401  (ablate: the reference)
 from circuitir.ir.trace import GraphIR
 
 ABLATIONS = ("mean", "zero", "resample")
@@ -51,11 +51,12 @@ def check_mask(model_or_graph, mask: dict) -> dict[str, torch.Tensor]:
 def record_sites(model_or_graph, tokens: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Per-site activations (N*T, width) over ``tokens`` (N, T), read off a recording rewrite of the graph."""
     recording = with_recordings(graph_of(model_or_graph))
+    device = device_of(recording)
     records: dict[str, list] = {}
     for start in range(0, len(tokens), batch_size):
-        _, sites, _ = recording(tokens[start:start + batch_size])
+        _, sites, _ = recording(tokens[start:start + batch_size].to(device))
         for name, value in sites.items():
-            records.setdefault(name, []).append(value.flatten(0, -2))
+            records.setdefault(name, []).append(value.flatten(0, -2).cpu())
     return {name: torch.cat(values) for name, values in records.items()}
 
 
@@ -63,13 +64,14 @@ def record_sites(model_or_graph, tokens: torch.Tensor, batch_size: int = 64) -> 
 def site_means(model_or_graph, tokens: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Per-channel mean of every site over all positions of ``tokens``, in float64 then cast."""
     recording = with_recordings(graph_of(model_or_graph))
+    device = device_of(recording)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start:start + batch_size]
-        _, sites, _ = recording(chunk)
+        _, sites, _ = recording(chunk.to(device))
         for name, value in sites.items():
-            sums[name] = sums.get(name, 0) + value.flatten(0, -2).double().sum(0)
+            sums[name] = sums.get(name, 0) + value.flatten(0, -2).double().sum(0).cpu()
         count += chunk.numel()
     return {name: (total / max(count, 1)).float() for name, total in sums.items()}
 
@@ -82,7 +84,7 @@ def norm_scales(model_or_graph, tokens: torch.Tensor, batch_size: int = 64) -> d
     count = 0
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start:start + batch_size]
-        _, _, scales = recording(chunk)
+        _, _, scales = recording(chunk.to(device_of(recording)))
         for name, value in scales.items():
             totals[name] = totals.get(name, 0.0) + float(value.double().sum())
         count += chunk.numel()

@@ -205,13 +205,13 @@ def _lower(graph_ir, keep, fills, norm_mode, frozen_scales, candidates, header) 
     wte = model.transformer.wte.weight
     # "+ 0.0" turns the -0.0 that zeroing negative weights can leave into 0.0 (same arithmetic, and
     # sparse columns then print in their sparse form).
-    circuit.embed = {c: wte[:, c].to(F32) + 0.0 for c in sorted(tracked)}
+    circuit.embed = {c: wte[:, c].to(F32).cpu() + 0.0 for c in sorted(tracked)}
     passive = sorted(set(range(d_model)) - tracked)
     norm_of = {(rule.sublayer, rule.kind): rule.norm for rule in SITES if rule.norm}
     running = wte[:, passive].double()  # value of each passive channel at the current read point
     for spec in specs:
         if spec.kind == "resid_delta":
-            running = running + fills[spec.name][passive].double()
+            running = running + fills[spec.name][passive].double().to(running.device)
         if spec.kind != "act_in" or not kept[spec.name]:
             continue
         point = spec.name.rsplit(".", 1)[0]
@@ -220,8 +220,8 @@ def _lower(graph_ir, keep, fills, norm_mode, frozen_scales, candidates, header) 
         if norm_mode == "frozen":
             data.frozen_scale = f32(frozen_scales[point])
         if norm_mode == "live" or not ln.rms:
-            data.passive_sq = running.pow(2).sum(1).to(F32) if norm_mode == "live" else None
-            data.passive_sum = running.sum(1).to(F32) if not ln.rms else None
+            data.passive_sq = running.pow(2).sum(1).to(F32).cpu() if norm_mode == "live" else None
+            data.passive_sum = running.sum(1).to(F32).cpu() if not ln.rms else None
         circuit.norms[point] = data
     final = NormData(rms=ln_f.rms, eps=f32(ln_f.eps), width=d_model)
     if norm_mode == "frozen":
@@ -229,5 +229,5 @@ def _lower(graph_ir, keep, fills, norm_mode, frozen_scales, candidates, header) 
     circuit.norms["final"] = final
 
     if getattr(model, "bigram_table", None) is not None:
-        circuit.bigram = model.bigram_table[:, candidates].to(F32) + 0.0
+        circuit.bigram = model.bigram_table[:, candidates].to(F32).cpu() + 0.0
     return circuit

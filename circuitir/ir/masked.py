@@ -76,6 +76,15 @@ def centred_inverse_scale(x: torch.Tensor, rms: bool, eps: float) -> torch.Tenso
 
 # ---------------------------------------------------------------- rewrites
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (the CPU for one with none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def _key(name: str) -> str:
     return name.replace(".", "_")
 
@@ -161,14 +170,18 @@ class MaskedGraph(torch.fx.GraphModule):
                 mask = mask.bool()
             if floating:
                 mask = mask.to(torch.float32)
-            self._buffers[f"mask_{_key(name)}"] = mask.reshape(-1, width).expand(count, width)
+            self._buffers[f"mask_{_key(name)}"] = mask.reshape(-1, width).expand(count, width).to(self.device)
 
     def set_fills(self, fills: dict[str, torch.Tensor]) -> None:
         for name, width in self.site_widths.items():
             fill = torch.as_tensor(fills[name], dtype=torch.float32)
             if fill.shape[-1:] != (width,):
                 raise UserError(f"fill for {name} has shape {tuple(fill.shape)}, expected (..., {width})")
-            self._buffers[f"fill_{_key(name)}"] = fill
+            self._buffers[f"fill_{_key(name)}"] = fill.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self)
 
     @property
     def n_masks(self) -> int:
@@ -311,4 +324,4 @@ class _SingleMask(torch.nn.Module):
         self.masked = masked
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.masked(tokens)[0]
+        return self.masked(tokens.to(self.masked.device))[0]

@@ -92,15 +92,16 @@ class MaskedTask:
     def pairs(self, masks: dict, batch) -> torch.Tensor:
         """(M, N, 2) [correct, alternative] logits under ``masks`` ({site: (M, W) or (W,)})."""
         self.graph.set_masks(masks)
+        device = self.graph.device
         order = torch.argsort(batch.last, stable=True)
         parts = []
         for rows in order.split(self.rows):
             length = int(batch.last[rows].max()) + 1
-            tokens, last = batch.tokens[rows, :length], batch.last[rows]
+            tokens, last = batch.tokens[rows, :length].to(device), batch.last[rows].to(device)
             if self.last_only:
-                at_last = self.graph(tokens, last)[:, :, 0]                   # (M, b, V)
+                at_last = self.graph(tokens, last)[:, :, 0].cpu()             # (M, b, V)
             else:
-                at_last = self.graph(tokens)[:, torch.arange(len(rows)), last]
+                at_last = self.graph(tokens)[:, torch.arange(len(rows), device=device), last].cpu()
             parts.append(torch.stack([at_last.gather(-1, batch.correct[rows].expand(len(at_last), -1)[..., None]),
                                       at_last.gather(-1, batch.alternative[rows].expand(len(at_last), -1)[..., None])],
                                      dim=-1)[..., 0, :])

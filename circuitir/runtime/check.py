@@ -23,7 +23,7 @@ import torch
 from circuitir.errors import UserError
 from circuitir.ir.ablation import fills_for, record_sites
 from circuitir.ir.circuit import Circuit
-from circuitir.ir.masked import ablate
+from circuitir.ir.masked import ablate, device_of
 from circuitir.ir.trace import trace
 from circuitir.runtime.compile import compile_circuit
 from circuitir.runtime.evaluate import pair_logits_from_candidates
@@ -87,12 +87,12 @@ class Checker:
     def model_pairs(self, keep: dict | None, kind: str, batch=None) -> torch.Tensor:
         batch = batch if batch is not None else self.batch
         if keep is None:
-            return candidate_logits(self.model(batch.tokens), batch)
+            return candidate_logits(self.model(batch.tokens.to(device_of(self.model))).cpu(), batch)
         if kind == "resample":
             fills = resample_fills(self.graph_ir, batch.tokens)
         else:
             fills = fills_for(self.model, kind, self.means)
-        return candidate_logits(ablate(self.graph_ir, keep, fills)(batch.tokens), batch)
+        return candidate_logits(ablate(self.graph_ir, keep, fills)(batch.tokens).cpu(), batch)
 
     def loss(self, pairs: torch.Tensor) -> float:
         return float(binary_loss(pairs * self.scale))
