@@ -252,3 +252,10 @@ def test_emit_refuses_settings_deeper_than_the_parser_reads_without_recursion():
     group["k"] = 1
     with pytest.raises(CircuitError, match=r"header: k\.k\.k\.\.\.: settings nested more than 16 deep cannot be written"):
         emit(circuit)
+
+
+def test_a_norm_width_beyond_what_the_runtime_can_divide_by():
+    # Was: OverflowError: int too big to convert, in the compiled forward (found by the fuzzer).
+    text = BRACKET.replace("width=8 frozen=1.0\n  0.mlp", "width=" + "9" * 50 + " frozen=1.0\n  0.mlp")
+    refused(text, line_of(text, "9" * 50), 42, f"width {'9' * 50} is beyond circuitir's limit of {1 << 40} (2^40)")
+    assert run_case(BRACKET.replace("width=8", f"width={1 << 40}")).kind == "ran"

@@ -642,6 +642,9 @@ class Builder:
                 self.fail(statement.pos, f"norm {name} needs {needed}=")
         if not V.INT_RE.match(attrs["width"]) or int(attrs["width"]) < 1:
             self.fail(Pos.of(attrs["width"]), f"width must be a positive whole number, got {attrs['width']}")
+        if int(attrs["width"]) > S.MAX_NORM_WIDTH:
+            self.fail(Pos.of(attrs["width"]), f"width {attrs['width']} is beyond circuitir's limit of "
+                                              f"{S.MAX_NORM_WIDTH} (2^40)")
         norm = NormData(rms=statement.kind == "rms", eps=self.f32(attrs["eps"]), width=int(attrs["width"]),
                         frozen_scale=self.f32(attrs["frozen"]) if "frozen" in attrs else None)
         for table in statement.tables:

@@ -28,6 +28,7 @@ MAX_VOCAB = 1 << 20           # tokens: a table is vocab_size float32 values
 MAX_LAYERS = 256              # n_layer
 MAX_WIDTH = 1 << 16           # d_model, d_mlp, n_head * d_head
 MAX_BLOCK_SIZE = 1 << 20      # block_size (the longest prompt run accepts)
+MAX_NORM_WIDTH = 1 << 40      # a norm's width= (the runtime divides by it)
 MAX_KEY_PARTS = 16            # a dotted key `a.b.c` has at most this many parts
 MAX_NESTING = V.MAX_NESTING   # lists inside lists in a setting value (16)
 MAX_NUMBER_CHARS = 100        # characters in one number (an int of 100 digits is far beyond any use)
