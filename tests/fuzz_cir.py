@@ -289,13 +289,19 @@ class Campaign:
     counts: Counter = field(default_factory=Counter)
     failures: dict = field(default_factory=dict)  # detail -> first text
     slowest: float = 0.0
+    save_to: Path | None = None
 
     def add(self, text: str, outcome: Outcome) -> None:
         self.cases += 1
         self.counts[outcome.kind] += 1
         self.slowest = max(self.slowest, Outcome.last_seconds)
-        if outcome.kind == "failure":
-            self.failures.setdefault(outcome.detail, text)
+        if outcome.kind == "failure" and outcome.detail not in self.failures:
+            self.failures[outcome.detail] = text
+            if self.save_to is not None:  # as found: a long campaign may be stopped early
+                self.save_to.mkdir(parents=True, exist_ok=True)
+                name = f"failure-{len(self.failures) - 1}.cir"
+                (self.save_to / name).write_text(text, encoding="utf-8", errors="surrogatepass")
+                print(f"FAILURE {len(self.failures) - 1} ({name}): {outcome.detail}", flush=True)
 
     def summary(self) -> str:
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -305,14 +311,14 @@ class Campaign:
                 f"({len(self.failures)} distinct); slowest case {self.slowest:.2f} s; peak RSS {rss_mb:.0f} MB")
 
 
-def campaign(n: int, seed: int, progress_every: int = 0) -> Campaign:
+def campaign(n: int, seed: int, progress_every: int = 0, save_to: Path | None = None) -> Campaign:
     """``n`` cases from ``seed``. The large extracted examples take a second each to parse, so they are drawn
     one time in 30; the hand-written ones (a hundredth of that) the rest of the time. Accepted files are
     formatted too one time in 10."""
     rng = random.Random(seed)
     small = [p.read_text() for p in EXAMPLES if p.stat().st_size < 20000]
     large = [p.read_text() for p in EXAMPLES if p.stat().st_size >= 20000]
-    result = Campaign()
+    result = Campaign(save_to=save_to)
     for i in range(n):
         source = rng.choice(large if large and rng.random() < 1 / 30 else small)
         text = mutate(source, rng)
@@ -328,13 +334,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-failures", type=Path)
     args = parser.parse_args(argv)
-    result = campaign(args.cases, args.seed, progress_every=max(1, args.cases // 20))
+    result = campaign(args.cases, args.seed, progress_every=max(1, min(args.cases // 20, 2000)),
+                      save_to=args.save_failures)
     print(result.summary())
-    for i, (detail, text) in enumerate(result.failures.items()):
+    for i, detail in enumerate(result.failures):
         print(f"FAILURE {i}: {detail}")
-        if args.save_failures:
-            args.save_failures.mkdir(parents=True, exist_ok=True)
-            (args.save_failures / f"failure-{i}.cir").write_text(text, encoding="utf-8", errors="surrogatepass")
     return 1 if result.failures else 0
 
 

@@ -51,14 +51,24 @@ def pretrain_means(loaded, tokens: int, seed: int) -> tuple[dict, dict]:
     if path.exists():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            return cached, {**info, "cached": True}
         except Exception:
-            path.unlink(missing_ok=True)  # a broken cache entry is recomputed
+            cached = None
+        if _means_fit(cached, loaded.model):
+            return cached, {**info, "cached": True}
+        path.unlink(missing_ok=True)  # a broken, truncated or wrong-shaped cache entry is recomputed
     windows = corpus_windows(corpus.train, loaded.config.block_size, tokens, seed)
     means = site_means(loaded.model, windows)
     with atomic_path(path) as temp:
         torch.save(means, temp)
     return means, {**info, "cached": False}
+
+
+def _means_fit(cached, model) -> bool:
+    """Whether a cached means file holds one finite float vector per site of ``model``, of the site's width."""
+    widths = {name: site.width for name, site in model.sites().items()}
+    return isinstance(cached, dict) and set(cached) == set(widths) and all(
+        isinstance(v, torch.Tensor) and v.dtype.is_floating_point and tuple(v.shape) == (widths[k],)
+        and bool(torch.isfinite(v).all()) for k, v in cached.items())
 
 
 def task_means(loaded, task, tokens: int, seed: int) -> tuple[dict, dict]:
