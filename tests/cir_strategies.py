@@ -112,7 +112,7 @@ def circuits(draw) -> Circuit:
                           if by_name[n.site].kind == "act_in" and d.kind == "kept"}
     for point in needed | draw(st.sets(st.sampled_from(points))):
         circuit.norms[point] = NormData(
-            rms=draw(st.booleans()), eps=draw(ANY_F32), width=draw(st.integers(1, 2**40)),
+            rms=draw(st.booleans()), eps=draw(ANY_F32), width=config["d_model"],
             frozen_scale=draw(st.one_of(st.none(), ANY_F32)),
             passive_sq=draw(st.one_of(st.none(), tables(vocab))), passive_sum=draw(st.one_of(st.none(), tables(vocab))))
     if draw(st.booleans()):

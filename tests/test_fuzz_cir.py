@@ -27,7 +27,7 @@ def assert_clean(result) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_examples(seed):
-    assert_clean(campaign(400, seed=1000 + seed))
+    assert_clean(campaign(300, seed=1000 + seed))
 
 
 @pytest.mark.fuzz
@@ -39,14 +39,14 @@ def test_mutated_examples_long(seed):
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=100, **SLOW)
+@settings(max_examples=60, **SLOW)
 @given(circuits())
 def test_a_valid_circuit_parses_compiles_and_runs(circuit):
     outcome = run_case(emit(circuit))
     assert outcome.kind == "ran", outcome.detail
 
 
-@settings(max_examples=200, **SLOW)
+@settings(max_examples=120, **SLOW)
 @given(circuits(), st.data())
 def test_a_well_formed_but_wrong_circuit_is_refused_or_runs(circuit, data):
     text = emit(circuit)

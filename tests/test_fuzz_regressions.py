@@ -254,8 +254,17 @@ def test_emit_refuses_settings_deeper_than_the_parser_reads_without_recursion():
         emit(circuit)
 
 
+def test_a_norm_width_other_than_d_model():
+    # Was: NaN logits from a LayerNorm of width 2 over 8 channels (negative variance; found by the fuzzer).
+    digit = (EXAMPLES / "next_digit_toy.cir").read_text()
+    text = edited(digit, "norm 0.mlp layernorm eps=1e-05 width=8", "norm 0.mlp layernorm eps=1e-05 width=2")
+    refused(text, line_of(text, "width=2"), 40, "norm 0.mlp: width=2, but a norm normalises the 8 channels of the "
+                                               "residual stream (d_model)")
+    assert format_text(text) == text
+
+
 def test_a_norm_width_beyond_what_the_runtime_can_divide_by():
     # Was: OverflowError: int too big to convert, in the compiled forward (found by the fuzzer).
     text = BRACKET.replace("width=8 frozen=1.0\n  0.mlp", "width=" + "9" * 50 + " frozen=1.0\n  0.mlp")
     refused(text, line_of(text, "9" * 50), 42, f"width {'9' * 50} is beyond circuitir's limit of {1 << 40} (2^40)")
-    assert run_case(BRACKET.replace("width=8", f"width={1 << 40}")).kind == "ran"
+    assert run_case(BRACKET.replace("width=8", f"width={1 << 40}")).kind == "rejected"  # not d_model

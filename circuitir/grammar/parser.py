@@ -448,6 +448,7 @@ class Builder:
         self.head_pos: dict[tuple[int, int], Pos] = {}
         self.embed_pos: dict[int, Pos] = {}
         self.norm_pos: dict[str, Pos] = {}
+        self.norm_width_pos: dict[str, Pos] = {}
         self.bigram_pos: dict[int, Pos] = {}
         self.candidates_pos = Pos(1, 1)
         self.bigram_columns: dict[int, torch.Tensor] = {}
@@ -645,6 +646,7 @@ class Builder:
         if int(attrs["width"]) > S.MAX_NORM_WIDTH:
             self.fail(Pos.of(attrs["width"]), f"width {attrs['width']} is beyond circuitir's limit of "
                                               f"{S.MAX_NORM_WIDTH} (2^40)")
+        self.norm_width_pos[name] = Pos.of(attrs["width"])
         norm = NormData(rms=statement.kind == "rms", eps=self.f32(attrs["eps"]), width=int(attrs["width"]),
                         frozen_scale=self.f32(attrs["frozen"]) if "frozen" in attrs else None)
         for table in statement.tables:
@@ -765,6 +767,10 @@ class Builder:
             if name not in config:
                 self.fail(config_section.pos, f"config: {name} is missing (compile and run need it)")
         block_pos = {b.point: b.pos for b in blocks}
+        for name, norm in circuit.norms.items():
+            if norm.width != config["d_model"]:
+                self.fail(self.norm_width_pos[name], f"norm {name}: width={norm.width}, but a norm normalises the "
+                                                     f"{config['d_model']} channels of the residual stream (d_model)")
         if "final" not in circuit.norms:
             self.fail(block_pos.get("final", self.candidates_pos),
                       "the final norm is missing (`norm final rms eps=... width=...` in the `final:` block): "
