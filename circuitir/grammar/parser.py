@@ -810,7 +810,21 @@ class Builder:
                                                 f"of them (kept or const): a top-k site needs none or at "
                                                 f"least {k}")
 
+    def check_graph_size(self, circuit: Circuit) -> None:
+        """The invariants are checked on the circuit's graph, which links every residual write to every later
+        read, and searches it once per output: its size is bounded before it is built."""
+        kinds = [self.specs[n.site].kind for n in circuit.nodes]
+        writes = sum(1 for k in kinds if k == "resid_delta")
+        reads = sum(1 for k in kinds if k in ("act_in", "final_resid"))
+        work = writes * reads + len(circuit.candidates) * (len(circuit.nodes) + len(circuit.edges))
+        if work > S.MAX_GRAPH_WORK:
+            self.fail(self.candidates_pos, f"the circuit is too large to check: {writes} residual writes x {reads} "
+                                           f"reads + {len(circuit.candidates)} outputs x {len(circuit.nodes)} nodes "
+                                           f"and {len(circuit.edges)} edges = {work:,}; circuitir's limit is "
+                                           f"{S.MAX_GRAPH_WORK:,}")
+
     def check(self, circuit: Circuit) -> None:
+        self.check_graph_size(circuit)
         try:
             check_circuit(circuit)
             return

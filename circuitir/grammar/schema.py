@@ -35,6 +35,7 @@ MAX_NUMBER_CHARS = 100        # characters in one number (an int of 100 digits i
 MAX_TOKEN_CHARS = 4096        # characters in a key (an f32 block and a string are not limited)
 MAX_LINES = 4_000_000         # lines in a file (a 10 MB file has fewer)
 MAX_TABLE_VALUES = 1 << 26    # float32 values in all tables together (256 MB): vocab_size x (tables)
+MAX_GRAPH_WORK = 1 << 23       # residual writes x reads + outputs x (nodes + edges): the checks' graph
 MAX_COMPILED_VALUES = 1 << 26  # float32 values in the compiled circuit's tables and weight matrices (256 MB)
 
 TOKENIZER_KINDS = ("bytes", "tiktoken")
