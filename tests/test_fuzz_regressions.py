@@ -279,3 +279,43 @@ def test_a_circuit_too_large_to_check_is_refused_before_its_graph_is_built():
                   f"the circuit is too large to check: 2 residual writes x 3 reads + {n} outputs x {n + 15} nodes "
                   f"and 5 edges = 9,060,006; circuitir's limit is 8,388,608", seconds=5)
     assert exc.message.startswith("the circuit is too large to check")
+
+
+# ---------------------------------------------------------------- sparse tables read as one token
+
+HAND_TABLE = ("embed 0 = {  # the brackets\n"
+              "    91: 1.0,   # open\n"
+              "\n"
+              "    # a comment line, with 3: 4.0 in it\n"
+              "    93: -1.0 ,\n"
+              "}\n")
+
+
+def test_a_sparse_table_read_whole_means_what_it_says_and_keeps_its_comments():
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", HAND_TABLE)
+    assert parse(text) == parse(BRACKET)
+    formatted = format_text(text)
+    for comment in ("# the brackets", "# open", "# a comment line, with 3: 4.0 in it"):
+        assert comment in formatted
+    assert format_text(formatted) == formatted
+
+
+def test_an_error_inside_a_sparse_table_points_at_the_entry():
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", HAND_TABLE.replace("93: -1.0", "93: -1.0x"))
+    exc = refused(text, line_of(text, "93: -1.0x"), 13, "unexpected `x`")
+    assert "expected" in str(exc)
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", HAND_TABLE.replace("93: -1.0", "300: -1.0"))
+    refused(text, line_of(text, "300: -1.0"), 5, "table index 300 does not fit: the table has 256 entries (vocab_size)")
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", HAND_TABLE.replace("91: 1.0", "91: 1e39"))
+    refused(text, line_of(text, "91: 1e39"), 9, "1e39 is out of the float32 range (largest 3.4028235e+38)")
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", HAND_TABLE.replace("91: 1.0", "91: 1." + "0" * 200))
+    refused(text, line_of(text, "91: 1.000"), 9, "a number of 202 characters; circuitir's limit is 100")
+
+
+@pytest.mark.parametrize("filler", [" " * 50000, "\n" * 50000, "1: 1.0, " * 20000 + " " * 20000])
+def test_a_long_malformed_table_fails_in_linear_time(filler):
+    text = edited(BRACKET, "embed 0 = {91: 1.0, 93: -1.0}\n", "embed 0 = {" + filler + "oops}\n")
+    start = time.process_time()
+    with pytest.raises(CirSyntaxError):
+        parse(text)
+    assert time.process_time() - start < 3

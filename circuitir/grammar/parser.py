@@ -325,8 +325,39 @@ class ToStatements(Transformer):
     def entry(self, meta, children):
         return tuple(children)
 
+    def sparse_text(self, meta, children):
+        """A SPARSE token (a whole well-formed table): its entries as (INT, NUMBER) tokens with their
+        positions, read with one regex."""
+        token = children[0]
+        entries = []
+        line, line_start = token.line, -(token.column - 1)  # offset in the token where the line starts
+        scanned = 0
+        for match in SPARSE_PART_RE.finditer(token):
+            if match["comment"] is not None:
+                continue
+            start = match.start()
+            newlines = token.count("\n", scanned, start)
+            if newlines:
+                line += newlines
+                line_start = token.rfind("\n", scanned, start) + 1
+            scanned = start
+            pair = []
+            for group, kind in (("index", "INT"), ("value", "NUMBER")):
+                offset = match.start(group)
+                part = Token(kind, match[group], start_pos=token.start_pos + offset, line=line,
+                             column=offset - line_start + 1)
+                if len(part) > S.MAX_NUMBER_CHARS:
+                    self.fail(Pos.of(part), f"a number of {len(part)} characters; circuitir's limit is "
+                                            f"{S.MAX_NUMBER_CHARS}")
+                pair.append(part)
+            entries.append(tuple(pair))
+        return Table(Pos.of(token), token.end_line, entries=entries)
+
 
 # ---------------------------------------------------------------- lark
+
+# Inside a SPARSE token: comments (skipped) and `index: value` entries (the token matched, so they are well formed).
+SPARSE_PART_RE = re.compile(r"(?P<comment>#[^\n]*)|(?P<index>[0-9]+)[ \t]*:[ \t]*(?P<value>[^\s,}#]+)")
 
 _local = threading.local()
 
@@ -337,6 +368,19 @@ def _collect_comment(token: Token) -> Token:
         sink.append(token)
     if token.type == "_NL":
         _local.depth = 0
+    return token
+
+
+def _sparse_comments(token: Token) -> Token:
+    """The comments inside a SPARSE token, as COMMENT tokens (the formatter keeps them)."""
+    sink = getattr(_local, "comments", None)
+    if sink is not None and "#" in token:
+        for match in re.finditer(r"#[^\n]*", token):
+            line = token.line + token.count("\n", 0, match.start())
+            line_start = token.rfind("\n", 0, match.start()) + 1
+            column = match.start() - line_start + 1 if line_start else token.column + match.start()
+            sink.append(Token("COMMENT", match[0], start_pos=token.start_pos + match.start(), line=line,
+                              column=column))
     return token
 
 
@@ -373,7 +417,7 @@ def _lark() -> Lark:
                      maybe_placeholders=False,
                      lexer_callbacks={"COMMENT": _collect_comment, "_NL": _collect_comment, "INT": _too_long,
                                       "NUMBER": _too_long, "KEY_EQ": _too_long, "LSQB": _open_list,
-                                      "RSQB": _close_list})
+                                      "RSQB": _close_list, "SPARSE": _sparse_comments})
     return _LARK
 
 
