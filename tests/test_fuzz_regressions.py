@@ -319,3 +319,16 @@ def test_a_long_malformed_table_fails_in_linear_time(filler):
     with pytest.raises(CirSyntaxError):
         parse(text)
     assert time.process_time() - start < 3
+
+
+def test_a_checkable_circuit_names_its_task_and_ablation_as_groups():
+    # check reads task.name and ablation.kind once source.sha256 matches: a string there was an AttributeError.
+    text = edited(BRACKET, '  source.model = "none: written by hand to show the language"',
+                  '  source.sha256 = "' + "ab" * 32 + '"')
+    refused(text, line_of(text, "  task = "), 3, 'header: task must be a group of settings (task.name = ...) in a '
+                                                 'circuit that names its source model (source.sha256), got a string')
+    text = edited(text, '  task = "bracket_counting"', '  task.name = "bracket_counting"')
+    refused(text, line_of(text, "  ablation = "), 3, 'header: ablation must be a group of settings (ablation.kind '
+                                                     '= ...) in a circuit that names its source model '
+                                                     '(source.sha256), got a string')
+    assert run_case(edited(text, '  ablation = "zero"', '  ablation.kind = "zero"')).kind == "ran"

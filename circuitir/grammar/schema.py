@@ -166,6 +166,13 @@ def check_header(header: dict, fail) -> None:
     field(("pipeline",), lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
           "a string or a list of strings")
     source = header.get("source")
+    if isinstance(source, dict) and "sha256" in source:
+        # A header that names its source model can be checked against it: check reads these as groups.
+        for name in ("task", "ablation"):
+            if name in header and not isinstance(header[name], dict):
+                fail((name,), f"header: {name} must be a group of settings ({name}.{'name' if name == 'task' else 'kind'}"
+                              f" = ...) in a circuit that names its source model (source.sha256), got "
+                              f"{kind_of(header[name])}")
     if isinstance(source, dict) and "tokenizer" in source:
         check_tokenizer(source["tokenizer"], fail)
 
