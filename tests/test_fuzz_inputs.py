@@ -348,3 +348,15 @@ def test_the_sigterm_handler_is_restored(capsys):
     code, out, _ = cli(capsys, "tasks", "--json")
     assert code == 0 and json.loads(out)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_huge_token_count_for_the_means_is_refused(monkeypatch, tmp_path, loaded_tiny):
+    # Was: RuntimeError: Storage size calculation overflowed (mean-ablate{tokens=99999999999999999999}).
+    from circuitir.errors import UserError
+    from circuitir.passes.ablate import pretrain_means
+
+    monkeypatch.setenv("CIRCUITIR_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"^mean-ablate\{tokens\} must be from 1 to 1,073,741,824 \(2\^30\), "
+                                        r"got 99999999999999999999$"):
+        pretrain_means(loaded_tiny, 99999999999999999999, seed=0)
+    assert not (tmp_path / "means").exists()

@@ -29,6 +29,7 @@ MAX_LAYERS = 256              # n_layer
 MAX_WIDTH = 1 << 16           # d_model, d_mlp, n_head * d_head
 MAX_BLOCK_SIZE = 1 << 20      # block_size (the longest prompt run accepts)
 MAX_NORM_WIDTH = 1 << 40      # a norm's width= (the runtime divides by it)
+MAX_ABLATION_TOKENS = 1 << 30  # ablation.tokens: corpus tokens the means are taken over
 MAX_KEY_PARTS = 16            # a dotted key `a.b.c` has at most this many parts
 MAX_NESTING = V.MAX_NESTING   # lists inside lists in a setting value (16)
 MAX_NUMBER_CHARS = 100        # characters in one number (an int of 100 digits is far beyond any use)
@@ -158,7 +159,7 @@ def check_header(header: dict, fail) -> None:
     field(("task", "name"), lambda v: isinstance(v, str), "a string")
     field(("ablation", "kind"), lambda v: v in ABLATION_KINDS, "one of " + ", ".join(map(repr, ABLATION_KINDS)))
     field(("ablation", "over"), lambda v: v in ("pretrain", "task"), "\"pretrain\" or \"task\"")
-    field(("ablation", "tokens"), lambda v: is_int(v) and 0 < v <= 1 << 30, "a whole number in [1, 2^30]")
+    field(("ablation", "tokens"), lambda v: is_int(v) and 0 < v <= MAX_ABLATION_TOKENS, "a whole number in [1, 2^30]")
     field(("calibration", "scale"), is_finite_number, "a finite number")
     field(("calibration", "shift"), is_finite_number, "a finite number")
     field(("metrics", "target_loss"), lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")

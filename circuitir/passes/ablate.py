@@ -40,7 +40,11 @@ def corpus_windows(corpus_tokens: torch.Tensor, block_size: int, n_tokens: int, 
 def pretrain_means(loaded, tokens: int, seed: int) -> tuple[dict, dict]:
     """Per-site means over ``tokens`` corpus tokens, from the cache when possible."""
     from circuitir.data.corpus import load_corpus
+    from circuitir.grammar.schema import MAX_ABLATION_TOKENS
     from circuitir.models.checkpoint import atomic_path
+
+    if not 0 < tokens <= MAX_ABLATION_TOKENS:
+        raise UserError(f"mean-ablate{{tokens}} must be from 1 to {MAX_ABLATION_TOKENS:,} (2^30), got {tokens}")
 
     corpus_info = loaded.meta.get("corpus", {})
     corpus = load_corpus(corpus_info.get("root") if corpus_info.get("root") and
