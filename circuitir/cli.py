@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import time
 
@@ -28,6 +30,69 @@ def show_progress(args) -> bool:
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# ---------------------------------------------------------------- argument checks
+
+MAX_COUNT = 10_000_000  # prompts, steps, sequences per step: beyond this a run would not end
+# option attribute -> (flag, low, high); whole numbers
+COUNTS = {"n": ("-n", 1, MAX_COUNT), "steps": ("--steps", 1, MAX_COUNT), "batch_size": ("--batch-size", 1, MAX_COUNT),
+          "threads": ("--threads", 1, 4096), "seed": ("--seed", 0, 2 ** 32 - 1)}
+# option attribute -> (flag, low, high, low excluded); finite numbers
+NUMBERS = {"lr": ("--lr", 0.0, 10.0, True), "density": ("--density", 0.0, 1.0, True),
+           "task_mix": ("--task-mix", 0.0, 1.0, False), "target_loss": ("--target-loss", 0.0, 100.0, True),
+           "necessity_loss": ("--necessity-loss", 0.0, 100.0, False), "tolerance": ("--tolerance", 0.0, 1e30, False)}
+
+
+def check_numbers(args) -> None:
+    """Every number option in range (argparse has checked the spelling): one line, before any work."""
+    for name, (flag, low, high) in COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{flag} must be a whole number from {low} to {high:,}, got {value}")
+    for name, (flag, low, high, low_open) in NUMBERS.items():
+        value = getattr(args, name, None)
+        if value is not None and (not math.isfinite(value) or not low <= value <= high or (low_open and value == low)):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise UserError(f"{flag} must be a finite number in {interval}, got {value}")
+
+
+def check_output_path(path: str, what: str = "output") -> None:
+    """Refuse an output path that cannot be written, before any long work: a directory, or a place where
+    no file can be created (tried: root passes every permission check). Missing folders are created when
+    the file is written, so the nearest existing one is tried."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {what} {path}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {what} {path}: {parent} is not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".circuitir-probe.", dir=parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: {exc.strerror} ({parent})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """Prompts come from the command line; bytes that are not UTF-8 arrive as lone surrogates."""
+    for i, prompt in enumerate(prompts, start=1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"prompt {i} is not valid UTF-8 text") from None
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temporary files) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 # ---------------------------------------------------------------- commands
@@ -52,9 +117,15 @@ def cmd_train(args) -> int:
             recipe.density = recipe.embed_density = 1.0
         if not 0 < recipe.density <= 1:
             raise UserError(f"--density must be in (0, 1], got {recipe.density}")
+    check_output_path(args.output, "the checkpoint")
+    if args.log:
+        check_output_path(args.log, "the log")
     if args.threads:
         torch.set_num_threads(args.threads)
-    log_file = open(args.log, "a") if args.log else None
+    try:
+        log_file = open(args.log, "a") if args.log else None
+    except OSError as exc:
+        raise UserError(f"cannot write the log {args.log}: {exc.strerror}") from None
 
     def log(record):
         if log_file:
@@ -113,7 +184,6 @@ def cmd_tasks(args) -> int:
 
 def cmd_fmt(args) -> int:
     from circuitir.grammar import CirSyntaxError, format_text
-    from circuitir.models.checkpoint import atomic_write_text
 
     try:
         text = open(args.file, encoding="utf-8").read()
@@ -131,12 +201,20 @@ def cmd_fmt(args) -> int:
             return 1
     elif args.in_place:
         if formatted != text:
-            mode = os.stat(args.file).st_mode & 0o7777
-            atomic_write_text(args.file, formatted)
-            os.chmod(args.file, mode)  # the temporary file was created 0600
+            write_in_place(args.file, formatted)
     else:
         sys.stdout.write(formatted)
     return 0
+
+
+def write_in_place(path: str, text: str) -> None:
+    """``fmt -i``: rewrite the file atomically, keeping its permissions."""
+    from circuitir.models.checkpoint import atomic_write_text
+
+    check_output_path(path, "the file")
+    mode = os.stat(path).st_mode & 0o7777
+    atomic_write_text(path, text)
+    os.chmod(path, mode)  # the temporary file was created 0600
 
 
 def read_circuit(path: str):
@@ -234,6 +312,7 @@ def cmd_passes(args) -> int:
 def cmd_run(args) -> int:
     from circuitir.runtime.run import run_prompts
 
+    check_prompts(args.prompt)
     rows = run_prompts(read_circuit(args.circuit), args.prompt)
     if args.json:
         print_json(rows)
@@ -252,6 +331,7 @@ def cmd_extract(args) -> int:
     if args.task == "all":
         return extract_all(args)
     task = resolve_tasks(args)[0]
+    check_output_path(args.output, "the circuit")
     loaded = load(args.model, args)
     check_task_tokens([task], loaded.tokenizer)
     circuit, summary = extract(loaded, task, pipeline=args.pipeline, target=args.target_loss,
@@ -394,6 +474,7 @@ def cmd_diff(args) -> int:
 def cmd_render(args) -> int:
     from circuitir.render.graphviz import render
 
+    check_output_path(args.output, "the drawing")
     fmt = render(read_circuit(args.circuit), args.output, args.title, fmt=args.format, collapse=args.collapse)
     print(f"wrote {args.output} ({fmt}{', collapsed' if args.collapse else ''})")
     return 0
@@ -784,9 +865,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     command = "circuitir"
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
         try:
             args = parser.parse_args(argv)
             command = f"circuitir {args.command}"
+            check_numbers(args)
             return args.run(args)
         finally:
             # A reader that went away (`circuitir tasks | head`) shows up here, not at interpreter exit.
@@ -797,6 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # Stop quietly, as a tool killed by SIGPIPE would; point stdout at /dev/null so the
         # interpreter's own final flush does not raise again.
@@ -805,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout is not a real file (captured, replaced)
             pass
         return EXIT_BROKEN_PIPE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

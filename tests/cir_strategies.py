@@ -1,4 +1,4 @@
-"""Hypothesis strategies for random *valid* Circuit IRs (they pass check_circuit).
+"""Hypothesis strategies for random *valid* Circuit IRs (they pass check_circuit, and parse: they compile and run).
 
 Small models (1-2 layers, a few channels, a vocabulary of 1-12 tokens) so each
 example is quick; float32 values of every kind (tiny, subnormal, huge,
@@ -12,6 +12,7 @@ import networkx as nx
 import torch
 from hypothesis import strategies as st
 
+from circuitir.grammar.parser import MODEL_WEIGHTS
 from circuitir.ir.circuit import (
     Circuit, Node, NodeData, NormData, check_circuit, read_point, site_specs,
 )
@@ -92,7 +93,10 @@ def circuits(draw) -> Circuit:
 
     ordered = sorted(circuit.nodes, key=lambda n: (rank[n.site], n.index))
     for source in ordered:
-        targets = [t for t in ordered if rank[t.site] > rank[source.site] and circuit.nodes[t].kind != "const"]
+        src = by_name[source.site]
+        targets = [t for t in ordered if circuit.nodes[t].kind != "const"
+                   and (src.kind, by_name[t.site].kind) in MODEL_WEIGHTS
+                   and (src.layer, src.sublayer) == (by_name[t.site].layer, by_name[t.site].sublayer)]
         if targets:
             for target in draw(st.lists(st.sampled_from(targets), max_size=2, unique=True)):
                 circuit.edges[source, target] = draw(WEIGHT)

@@ -15,8 +15,11 @@ from circuitir.grammar.parser import CirSyntaxError, parse, parse_with_comments
 
 
 def format_text(text: str, filename: str = "<string>") -> str:
-    """The canonical form of .cir text, its comments kept next to their statements."""
-    circuit, comments = parse_with_comments(text, filename)
+    """The canonical form of .cir text, its comments kept next to their statements.
+
+    The text must be a well-formed circuit, not necessarily one complete enough to run (a missing
+    final norm, say): formatting is a text job."""
+    circuit, comments = parse_with_comments(text, filename, runnable=False)
     return emit(circuit, comments)
 
 

@@ -25,6 +25,7 @@ statement is gone are kept at the end of the file rather than dropped.
 from __future__ import annotations
 
 from circuitir.grammar import values as V
+from circuitir.grammar.schema import MAX_KEY_PARTS
 from circuitir.ir.circuit import LANGUAGE_VERSION, Circuit, CircuitError, Node, read_point, site_specs
 
 INDENT = "  "
@@ -236,6 +237,9 @@ def flatten(settings: dict, section: str, prefix: tuple = ()):
         if not isinstance(key, str):
             raise CircuitError(f"{section}: key {key!r} under {V.format_key(prefix) or section} is not a string")
         path = prefix + (key,)
+        if len(path) > MAX_KEY_PARTS:
+            raise CircuitError(f"{section}: {V.format_key(path[:3])}...: settings nested more than {MAX_KEY_PARTS} "
+                               f"deep cannot be written")
         if isinstance(value, dict) and value:
             yield from flatten(value, section, path)
         else:

@@ -32,10 +32,13 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, VisitError
 
 from circuitir.errors import UserError
+from circuitir.grammar import schema as S
 from circuitir.grammar import values as V
 from circuitir.ir.circuit import (
-    LANGUAGE_VERSION, Circuit, CircuitError, Label, Node, NodeData, NormData, check_circuit, parse_node, site_specs,
+    LANGUAGE_VERSION, Circuit, CircuitError, Label, Node, NodeData, NormData, check_circuit, parse_node, read_point,
+    site_specs,
 )
+from circuitir.models.gpt import topk_k
 
 GRAMMAR_PATH = Path(__file__).with_name("circuit.lark")
 REQUIRED_CONFIG = ("n_layer", "n_head", "d_head", "d_model", "d_mlp", "vocab_size")
@@ -74,7 +77,7 @@ class CirSyntaxError(UserError):
 
     def report(self) -> str:
         text = self.source_line.rstrip("\r\n")
-        caret = "".join(c if c == "\t" else " " for c in text[:self.column - 1]) + "^"
+        caret = "".join(c if c == "\t" else " " for c in text[:self.column - 1]).ljust(self.column - 1) + "^"
         out = [f"{self.filename}:{self.line}:{self.column}: {self.message}", text, caret]
         if self.expected:
             out.append("expected " + _one_of(self.expected))
@@ -244,6 +247,8 @@ class ToStatements(Transformer):
             path = V.parse_key(key)
         except V.ValueSpellingError as exc:
             self.fail(Pos.of(key), str(exc))
+        if len(path) > S.MAX_KEY_PARTS:
+            self.fail(Pos.of(key), f"a key of {len(path)} parts; circuitir's limit is {S.MAX_KEY_PARTS}")
         return Setting(key, path, value)
 
     def number(self, meta, children):
@@ -339,8 +344,39 @@ class ToStatements(Transformer):
     def entry(self, meta, children):
         return tuple(children)
 
+    def sparse_text(self, meta, children):
+        """A SPARSE token (a whole well-formed table): its entries as (INT, NUMBER) tokens with their
+        positions, read with one regex."""
+        token = children[0]
+        entries = []
+        line, line_start = token.line, -(token.column - 1)  # offset in the token where the line starts
+        scanned = 0
+        for match in SPARSE_PART_RE.finditer(token):
+            if match["comment"] is not None:
+                continue
+            start = match.start()
+            newlines = token.count("\n", scanned, start)
+            if newlines:
+                line += newlines
+                line_start = token.rfind("\n", scanned, start) + 1
+            scanned = start
+            pair = []
+            for group, kind in (("index", "INT"), ("value", "NUMBER")):
+                offset = match.start(group)
+                part = Token(kind, match[group], start_pos=token.start_pos + offset, line=line,
+                             column=offset - line_start + 1)
+                if len(part) > S.MAX_NUMBER_CHARS:
+                    self.fail(Pos.of(part), f"a number of {len(part)} characters; circuitir's limit is "
+                                            f"{S.MAX_NUMBER_CHARS}")
+                pair.append(part)
+            entries.append(tuple(pair))
+        return Table(Pos.of(token), token.end_line, entries=entries)
+
 
 # ---------------------------------------------------------------- lark
+
+# Inside a SPARSE token: comments (skipped) and `index: value` entries (the token matched, so they are well formed).
+SPARSE_PART_RE = re.compile(r"(?P<comment>#[^\n]*)|(?P<index>[0-9]+)[ \t]*:[ \t]*(?P<value>[^\s,}#]+)")
 
 _local = threading.local()
 
@@ -349,6 +385,44 @@ def _collect_comment(token: Token) -> Token:
     sink = getattr(_local, "comments", None)
     if sink is not None:
         sink.append(token)
+    if token.type == "_NL":
+        _local.depth = 0
+    return token
+
+
+def _sparse_comments(token: Token) -> Token:
+    """The comments inside a SPARSE token, as COMMENT tokens (the formatter keeps them)."""
+    sink = getattr(_local, "comments", None)
+    if sink is not None and "#" in token:
+        for match in re.finditer(r"#[^\n]*", token):
+            line = token.line + token.count("\n", 0, match.start())
+            line_start = token.rfind("\n", 0, match.start()) + 1
+            column = match.start() - line_start + 1 if line_start else token.column + match.start()
+            sink.append(Token("COMMENT", match[0], start_pos=token.start_pos + match.start(), line=line,
+                              column=column))
+    return token
+
+
+def _too_long(token: Token) -> Token:
+    """Numbers and keys have a length limit, checked as they are read (``int()`` of a 5,000-digit number
+    raises, a key of 20,000 parts nests 20,000 dictionaries)."""
+    limit = S.MAX_NUMBER_CHARS if token.type in ("INT", "NUMBER") else S.MAX_TOKEN_CHARS
+    if len(token) > limit:
+        what = "a number" if token.type in ("INT", "NUMBER") else "a key"
+        _local.builder.fail(Pos.of(token), f"{what} of {len(token)} characters; circuitir's limit is {limit}")
+    return token
+
+
+def _open_list(token: Token) -> Token:
+    """Lists nest at most MAX_NESTING deep, counted as they are read: the tree is never deeper than that."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    if _local.depth > S.MAX_NESTING:
+        _local.builder.fail(Pos.of(token), f"lists nested more than {S.MAX_NESTING} deep")
+    return token
+
+
+def _close_list(token: Token) -> Token:
+    _local.depth = max(getattr(_local, "depth", 0) - 1, 0)
     return token
 
 
@@ -360,7 +434,9 @@ def _lark() -> Lark:
     if _LARK is None:
         _LARK = Lark(GRAMMAR_PATH.read_text(), parser="lalr", lexer="contextual", propagate_positions=True,
                      maybe_placeholders=False,
-                     lexer_callbacks={"COMMENT": _collect_comment, "_NL": _collect_comment})
+                     lexer_callbacks={"COMMENT": _collect_comment, "_NL": _collect_comment, "INT": _too_long,
+                                      "NUMBER": _too_long, "KEY_EQ": _too_long, "LSQB": _open_list,
+                                      "RSQB": _close_list, "SPARSE": _sparse_comments})
     return _LARK
 
 
@@ -425,8 +501,9 @@ def _attach_comments(tokens, anchors, lines) -> dict:
 # ---------------------------------------------------------------- building
 
 class Builder:
-    def __init__(self, text: str, filename: str):
+    def __init__(self, text: str, filename: str, runnable: bool = True):
         self.filename = filename
+        self.runnable = runnable
         self.lines = text.split("\n")
         self.anchors: list[tuple[int, int, tuple]] = []
         self.node_pos: dict[Node, Pos] = {}
@@ -434,6 +511,7 @@ class Builder:
         self.head_pos: dict[tuple[int, int], Pos] = {}
         self.embed_pos: dict[int, Pos] = {}
         self.norm_pos: dict[str, Pos] = {}
+        self.norm_width_pos: dict[str, Pos] = {}
         self.bigram_pos: dict[int, Pos] = {}
         self.candidates_pos = Pos(1, 1)
         self.bigram_columns: dict[int, torch.Tensor] = {}
@@ -462,6 +540,9 @@ class Builder:
         header = self.settings(sections["header"]) if "header" in sections else {}
         config = self.settings(sections["config"])
         self.check_config(sections["config"], config)
+        if "header" in sections:
+            S.check_header(header, lambda path, message: self.fail_setting(sections["header"], path, message))
+        self.check_table_budget(records, config["vocab_size"])
         candidates_record = next(r for r in records if isinstance(r, Candidates))
         candidates = self.candidates(candidates_record, config)
         self.specs = {s.name: s for s in site_specs(config, len(candidates))}
@@ -479,6 +560,8 @@ class Builder:
         self.check_edges(circuit)
         self.check_bigram(circuit)
         self.check(circuit)
+        if self.runnable:
+            self.check_runnable(circuit, sections["config"], blocks)
         return circuit
 
     def settings(self, section: Section) -> dict:
@@ -506,21 +589,38 @@ class Builder:
             seen[setting.path] = setting.key.line
         return out
 
+    def fail_setting(self, section: Section, path: tuple, message: str):
+        """Fail at the first setting under ``path`` (at the section when there is none)."""
+        for setting in section.settings if path else ():
+            if setting.path[:len(path)] == path:
+                self.fail(Pos.of(setting.key), message)
+        self.fail(section.pos, message)
+
     def check_config(self, section: Section, config: dict) -> None:
-        for name in REQUIRED_CONFIG:
-            if name not in config:
-                self.fail(section.pos, f"config: {name} is missing (the config holds every model config field)")
-            value = config[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                key = next(s.key for s in section.settings if s.path[0] == name)
-                self.fail(Pos.of(key), f"config: {name} must be a positive whole number, got {value!r}")
-        if config.get("afrac") is not None and not isinstance(config.get("afrac_loctypes"), str):
-            self.fail(section.pos, "config: afrac_loctypes (a string of locations) is needed when afrac is set")
+        S.check_config(config, lambda path, message: self.fail_setting(section, path, message))
+
+    def check_table_budget(self, records: list, vocab: int) -> None:
+        """Tables are vocab_size float32 values each, even written `{}`: their total is limited before any
+        is allocated."""
+        tables = [r.table for r in records if isinstance(r, Embed)]
+        for block in (r for r in records if isinstance(r, Block)):
+            for statement in block.statements:
+                if isinstance(statement, NormStmt):
+                    tables += [t.table for t in statement.tables]
+                elif isinstance(statement, BigramStmt):
+                    tables.append(statement.table)
+        if len(tables) * vocab > S.MAX_TABLE_VALUES:
+            table = tables[S.MAX_TABLE_VALUES // vocab]
+            self.fail(table.pos, f"{len(tables)} tables of {vocab} values (vocab_size) hold "
+                                 f"{len(tables) * vocab:,} values together; circuitir's limit is "
+                                 f"{S.MAX_TABLE_VALUES:,}")
 
     def candidates(self, record: Candidates, config: dict) -> list[int]:
         self.candidates_pos = record.pos
         self.anchor(record.pos.line, record.pos.line, ("candidates",))
         vocab = config["vocab_size"]
+        if not record.tokens:
+            self.fail(record.pos, "no candidates: the circuit computes the logits of at least one token")
         for token in record.tokens:
             if int(token) >= vocab:
                 self.fail(Pos.of(token), f"candidate token {int(token)} does not fit: vocab_size is {vocab}")
@@ -606,6 +706,10 @@ class Builder:
                 self.fail(statement.pos, f"norm {name} needs {needed}=")
         if not V.INT_RE.match(attrs["width"]) or int(attrs["width"]) < 1:
             self.fail(Pos.of(attrs["width"]), f"width must be a positive whole number, got {attrs['width']}")
+        if int(attrs["width"]) > S.MAX_NORM_WIDTH:
+            self.fail(Pos.of(attrs["width"]), f"width {attrs['width']} is beyond circuitir's limit of "
+                                              f"{S.MAX_NORM_WIDTH} (2^40)")
+        self.norm_width_pos[name] = Pos.of(attrs["width"])
         norm = NormData(rms=statement.kind == "rms", eps=self.f32(attrs["eps"]), width=int(attrs["width"]),
                         frozen_scale=self.f32(attrs["frozen"]) if "frozen" in attrs else None)
         for table in statement.tables:
@@ -722,7 +826,71 @@ class Builder:
                           f"bigram column logits[{k}] is missing (a bigram table has one column per candidate)")
         circuit.bigram = torch.stack([columns[k] for k in range(len(circuit.candidates))], dim=1)
 
+    def check_runnable(self, circuit: Circuit, config_section: Section, blocks: list[Block]) -> None:
+        """What compile and run need beyond a well-formed circuit (``format_text`` does not ask for it)."""
+        config = circuit.config
+        for name in S.RUN_CONFIG:
+            if name not in config:
+                self.fail(config_section.pos, f"config: {name} is missing (compile and run need it)")
+        block_pos = {b.point: b.pos for b in blocks}
+        for name, norm in circuit.norms.items():
+            if norm.width != config["d_model"]:
+                self.fail(self.norm_width_pos[name], f"norm {name}: width={norm.width}, but a norm normalises the "
+                                                     f"{config['d_model']} channels of the residual stream (d_model)")
+        if "final" not in circuit.norms:
+            self.fail(block_pos.get("final", self.candidates_pos),
+                      "the final norm is missing (`norm final rms eps=... width=...` in the `final:` block): "
+                      "the logits read final_resid through it")
+        for node, pos in self.node_pos.items():
+            spec = self.specs[node.site]
+            if spec.kind == "act_in" and circuit.nodes[node].kind == "kept" and read_point(node.site) not in \
+                    circuit.norms:
+                self.fail(pos, f"{node} reads the residual stream through norm {read_point(node.site)}, "
+                               f"which the circuit does not declare (`norm {read_point(node.site)} ...`)")
+        for (source, target), pos in self.edge_pos.items():
+            src, dst = self.specs[source.site], self.specs[target.site]
+            if (src.kind, dst.kind) not in MODEL_WEIGHTS or (src.layer, src.sublayer) != (dst.layer, dst.sublayer):
+                self.fail(pos, f"edge {source} -> {target}: the model has no weight from {source.site} to "
+                               f"{target.site} (weights: act_in -> q/k/v and v -> resid_delta in attention, "
+                               f"act_in -> post_act -> resid_delta in the MLP, final_resid -> logits)")
+        live: dict[str, list[Node]] = {}
+        for node in circuit.nodes:
+            live.setdefault(node.site, []).append(node)
+        compiled = config["vocab_size"] * (len(circuit.embed) + 2 * len(circuit.norms) + len(circuit.candidates))
+        for (src, dst) in _weight_pairs(self.specs):
+            kept = sum(1 for n in live.get(dst, ()) if circuit.nodes[n].kind == "kept")
+            compiled += kept * len(live.get(src, ()))
+        if compiled > S.MAX_COMPILED_VALUES:
+            self.fail(self.candidates_pos, f"the compiled circuit would hold {compiled:,} float32 values "
+                                           f"(tables and weight matrices); circuitir's limit is "
+                                           f"{S.MAX_COMPILED_VALUES:,}")
+        for name, nodes in live.items():
+            spec = self.specs[name]
+            if spec.topk is None:
+                continue
+            k = topk_k(config["afrac"], spec.width)
+            if len(nodes) < k:
+                first = min(nodes, key=lambda n: (self.node_pos[n].line, self.node_pos[n].column))
+                self.fail(self.node_pos[first], f"{name} keeps its {k} largest channels (afrac {config['afrac']}, "
+                                                f"location {spec.topk}), but the circuit has only {len(nodes)} "
+                                                f"of them (kept or const): a top-k site needs none or at "
+                                                f"least {k}")
+
+    def check_graph_size(self, circuit: Circuit) -> None:
+        """The invariants are checked on the circuit's graph, which links every residual write to every later
+        read, and searches it once per output: its size is bounded before it is built."""
+        kinds = [self.specs[n.site].kind for n in circuit.nodes]
+        writes = sum(1 for k in kinds if k == "resid_delta")
+        reads = sum(1 for k in kinds if k in ("act_in", "final_resid"))
+        work = writes * reads + len(circuit.candidates) * (len(circuit.nodes) + len(circuit.edges))
+        if work > S.MAX_GRAPH_WORK:
+            self.fail(self.candidates_pos, f"the circuit is too large to check: {writes} residual writes x {reads} "
+                                           f"reads + {len(circuit.candidates)} outputs x {len(circuit.nodes)} nodes "
+                                           f"and {len(circuit.edges)} edges = {work:,}; circuitir's limit is "
+                                           f"{S.MAX_GRAPH_WORK:,}")
+
     def check(self, circuit: Circuit) -> None:
+        self.check_graph_size(circuit)
         try:
             check_circuit(circuit)
             return
@@ -753,6 +921,22 @@ class Builder:
         if message.startswith("output"):
             return self.candidates_pos
         return None
+
+
+# (source kind, target kind) of the model's weights, within one sublayer.
+MODEL_WEIGHTS = {("act_in", "q"), ("act_in", "k"), ("act_in", "v"), ("v", "resid_delta"),
+                 ("act_in", "post_act"), ("post_act", "resid_delta"), ("final_resid", "logits")}
+
+
+def _weight_pairs(specs: dict):
+    """(source site, target site) of every weight matrix the compiled circuit holds."""
+    by_place: dict = {}
+    for spec in specs.values():
+        by_place.setdefault((spec.layer, spec.sublayer), {})[spec.kind] = spec.name
+    for sites in by_place.values():
+        for src, dst in MODEL_WEIGHTS:
+            if src in sites and dst in sites:
+                yield sites[src], sites[dst]
 
 
 # ---------------------------------------------------------------- entry points
@@ -800,13 +984,21 @@ def _syntax_error(exc: UnexpectedInput, text: str, filename: str, lines: list[st
     return CirSyntaxError(what, filename, line, max(column, 1), lines[line - 1], expected)
 
 
-def parse_with_comments(text: str, filename: str = "<string>") -> tuple[Circuit, dict]:
-    """Parse .cir text into a checked Circuit, and the comments by the statement they belong to."""
+def parse_with_comments(text: str, filename: str = "<string>", runnable: bool = True) -> tuple[Circuit, dict]:
+    """Parse .cir text into a checked Circuit, and the comments by the statement they belong to.
+
+    With ``runnable`` (the default) the circuit is also checked for everything compile and run need
+    (the final norm, the norms of kept reads, model weights only, top-k sites, run's config fields,
+    the size of the compiled circuit); ``format_text`` leaves that out, to format incomplete circuits."""
     lines = text.split("\n")
+    if len(lines) > S.MAX_LINES:
+        raise CirSyntaxError(f"{len(lines):,} lines; circuitir's limit is {S.MAX_LINES:,}", filename,
+                             S.MAX_LINES + 1, 1, lines[S.MAX_LINES])
     _check_version(text, filename, lines)
     source = text if text.endswith("\n") else text + "\n"
-    builder = Builder(text, filename)
+    builder = Builder(text, filename, runnable)
     _local.comments = tokens = []
+    _local.builder, _local.depth = builder, 0
     try:
         tree = _lark().parse(source)
         records = ToStatements(builder.fail).transform(tree)
@@ -815,15 +1007,19 @@ def parse_with_comments(text: str, filename: str = "<string>") -> tuple[Circuit,
     except VisitError as exc:
         if isinstance(exc.orig_exc, CirSyntaxError):
             raise exc.orig_exc from None
-        raise
+        # Not expected (every rule's own errors are CirSyntaxErrors); still the text's fault, not a crash.
+        meta = getattr(exc.obj, "meta", None)
+        line, column = getattr(meta, "line", 1), getattr(meta, "column", 1)
+        raise CirSyntaxError(f"cannot read this statement: {exc.orig_exc}", filename, line, column,
+                             lines[min(line, len(lines)) - 1]) from None
     except LarkError as exc:  # not expected from a built grammar; still a syntax problem, not a crash
         raise CirSyntaxError(f"cannot parse: {exc}", filename, 1, 1, lines[0]) from None
     finally:
-        _local.comments = None
+        _local.comments = _local.builder = None
     circuit = builder.build(records)
     return circuit, _attach_comments(tokens, builder.anchors, lines)
 
 
 def parse(text: str, filename: str = "<string>") -> Circuit:
-    """.cir text -> a checked :class:`Circuit`; bad text raises :class:`CirSyntaxError`."""
+    """.cir text -> a checked :class:`Circuit` that compiles and runs; bad text raises :class:`CirSyntaxError`."""
     return parse_with_comments(text, filename)[0]

@@ -79,7 +79,10 @@ def is_default(x: float, default: float) -> bool:
 
 # ---------------------------------------------------------------- settings
 
-def format_setting(value, where: str) -> str:
+MAX_NESTING = 16  # lists inside lists: the parser reads no deeper (grammar/schema.py), so none is written
+
+
+def format_setting(value, where: str, depth: int = 0) -> str:
     if value is True:
         return "true"
     if value is False:
@@ -93,7 +96,9 @@ def format_setting(value, where: str) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_setting(v, where) for v in value) + "]"
+        if depth >= MAX_NESTING:
+            raise ValueSpellingError(f"{where}: lists nested more than {MAX_NESTING} deep cannot be written")
+        return "[" + ", ".join(format_setting(v, where, depth + 1) for v in value) + "]"
     if isinstance(value, dict) and not value:
         return "{}"
     kind = "a dict" if isinstance(value, dict) else f"a {type(value).__name__}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,8 +73,13 @@ def file_sha256(path: str | Path) -> str:
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
     os.close(handle)
     try:
         yield Path(temp)
@@ -96,7 +102,15 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no such checkpoint: {path}") from None
-    except Exception as exc:  # truncated zip, not a torch file, a pickle of arbitrary objects
+    except pickle.UnpicklingError as exc:
+        # torch's own text advises weights_only=False, which would run the file's code: never. Say it plainly.
+        if "allowed global" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"cannot read checkpoint {path}: it holds Python objects, not only tensors and plain "
+                            "values, and loading it could run code, which circuitir never does (re-download the "
+                            "model from a source you trust, or re-train it)") from None
+        raise UserError(f"cannot read checkpoint {path}: it is damaged or not a torch file (re-download or "
+                        "re-train it)") from None
+    except Exception as exc:  # truncated zip, not a torch file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read checkpoint {path}: {first[:200]} (is it a complete circuitir or "
                         "OpenAI model file? re-download or re-train it)") from None
@@ -126,18 +140,32 @@ def _drop_causal_masks(config: GPTConfig, state_dict: dict, path: Path) -> dict:
 
 
 def _build(config: GPTConfig, state_dict: dict, path: Path) -> SparseGPT:
-    model = SparseGPT(config)
     if not isinstance(state_dict, dict):
         raise UserError(f"checkpoint {path} holds no state dict of weights")
+    # The shapes the config gives, on the meta device: nothing is allocated until the weights fit them
+    # (a config with d_model 2^20 would otherwise ask for hundreds of GB before any check).
+    with torch.device("meta"):
+        expected = SparseGPT(config).state_dict()
     state_dict = _drop_causal_masks(config, dict(state_dict), path)
-    expected = model.state_dict()
     for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and key in expected:
+            if not (value.dtype.is_floating_point or value.dtype == torch.bool) or value.is_complex():
+                raise UserError(f"checkpoint {path}: {key} holds {value.dtype} values, not floating-point weights")
+            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise UserError(f"checkpoint {path}: {key} holds NaN or infinite values (a diverged or damaged "
+                                "model); circuitir reads finite weights only")
         # load_state_dict reports a wrong shape as a RuntimeError; it is the user's file that is wrong.
         if key in expected and (not isinstance(value, torch.Tensor) or value.shape != expected[key].shape):
             found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise UserError(f"checkpoint {path} does not fit its config ({key} is {found}, the config "
                             f"gives {tuple(expected[key].shape)}); check that the config file belongs "
                             "to these weights")
+    missing = [key for key in expected if key not in state_dict and key != "final_logits_bias"
+               and not (config.tied_unembed and key in ("lm_head.weight", "transformer.wte.weight"))]
+    if missing:
+        raise UserError(f"checkpoint {path} does not fit its config (missing {missing[:3]}); "
+                        "check that the config file belongs to these weights")
+    model = SparseGPT(config)
     state_dict.setdefault("final_logits_bias", torch.zeros(config.vocab_size))
     if config.tied_unembed:
         state_dict.setdefault("lm_head.weight", state_dict.get("transformer.wte.weight"))
@@ -171,9 +199,13 @@ def load_model(path: str | Path, tokenizer: str | Path | None = None) -> LoadedM
             raise UserError(f"checkpoint {path} has format version {raw.get('version')}, "
                             f"this circuitir reads version {FORMAT_VERSION}")
         config = GPTConfig.from_dict(raw.get("config"))
+        spec = raw.get("tokenizer")
+        if spec is not None and not isinstance(spec, dict):
+            raise UserError(f"checkpoint {path}: its tokenizer spec is a {type(spec).__name__}, not a table such "
+                            "as {'kind': 'bytes'}")
         model = _build(config, raw.get("state_dict"), path)
         meta = {k: v for k, v in raw.items() if k not in ("state_dict", "optimizer")}
-        return LoadedModel(model, tokenizer_from_spec(raw.get("tokenizer")), file_sha256(path), str(path), meta)
+        return LoadedModel(model, tokenizer_from_spec(spec), file_sha256(path), str(path), meta)
     config_path = path.with_name("beeg_config.json")
     if isinstance(raw, dict) and config_path.exists():
         return _load_openai(config_path, path, state_dict=raw, tokenizer_dir=tokenizer)
@@ -187,9 +219,13 @@ def _load_openai(config_path: Path, weights_path: Path, state_dict: dict | None 
         raise UserError(f"no config at {config_path} (an OpenAI release directory holds beeg_config.json "
                         "and final_model.pt)")
     try:
-        raw_config = json.loads(config_path.read_text())
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{config_path}: not UTF-8 text (byte {exc.start}); a config is a JSON file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {config_path}: {exc.strerror}") from None
     config = GPTConfig.from_openai(raw_config)
     if state_dict is None:
         if not weights_path.exists():

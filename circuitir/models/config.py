@@ -106,7 +106,13 @@ class GPTConfig:
 
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        for name in ("bias", "ln_bias", "rms_norm", "tied_unembed", "enable_bigram_table", "sink"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(self.afrac is None or (isinstance(self.afrac, (int, float)) and not isinstance(self.afrac, bool)),
+             f"afrac must be null or a number, got {self.afrac!r}")
+        need(isinstance(self.afrac_loctypes, str), f"afrac_loctypes must be a string, got {self.afrac_loctypes!r}")
         need(self.residual_activation_type in ("identity", "relu"),
              f"residual_activation_type must be identity or relu, got {self.residual_activation_type!r}")
         need(self.activation_type in ("gelu", "relu"),

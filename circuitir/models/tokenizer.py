@@ -212,12 +212,45 @@ def openai_tokenizer(name: str | None, vocab_size: int, explicit: str | Path | N
     return tokenizer
 
 
-def tokenizer_from_spec(spec: dict | None):
+class TokenIdTokenizer:
+    """For a vocabulary described only in words (a hand-written circuit's ``source.tokenizer = "..."``):
+    a prompt is its token ids, separated by spaces (``"1 2 3"``)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.spec = description
+
+    def encode(self, text: str) -> list[int]:
+        words = text.split()
+        bad = next((w for w in words if not (w.isascii() and w.isdigit() and len(w) <= 9)), None)
+        if bad is not None:
+            raise UserError(f"prompt {text[:30]!r}: the vocabulary is described only in words "
+                            f"({self.description[:60]!r}), so a prompt is token ids separated by spaces "
+                            f"(such as '1 2 3'), not {bad[:20]!r}")
+        return [int(w) for w in words]
+
+    def decode(self, tokens: list[int]) -> str:
+        return " ".join(map(str, tokens))
+
+    def token_str(self, token: int) -> str:
+        return str(token)
+
+
+def tokenizer_from_spec(spec: dict | str | None):
+    if isinstance(spec, str):
+        return TokenIdTokenizer(spec)
     spec = spec or {"kind": "bytes"}
+    if not isinstance(spec, dict):
+        raise UserError(f"tokenizer: the spec must be a table such as {{\"kind\": \"bytes\"}}, got "
+                        f"a {type(spec).__name__}")
     if spec.get("kind") == "bytes":
         return ByteTokenizer()
     if spec.get("kind") == "tiktoken":
-        return TiktokenTokenizer(spec["path"], spec.get("eot_token", 2047))
+        path, eot = spec.get("path"), spec.get("eot_token", 2047)
+        if not isinstance(path, str) or isinstance(eot, bool) or not isinstance(eot, int) or eot < 0:
+            raise UserError(f"tokenizer: a tiktoken spec needs a path (a string) and an eot_token (a whole "
+                            f"number), got path {path!r}, eot_token {eot!r}")
+        return TiktokenTokenizer(path, eot)
     if spec.get("kind") == "data_gym":
         # The recorded directory if it is still there, else wherever the user points now.
         recorded = Path(str(spec.get("dir", "")))

@@ -277,4 +277,11 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
 
 def load_for_resume(path: str) -> Recipe:
     loaded = load_model(path)
-    return Recipe(**loaded.meta["recipe"])
+    recipe = loaded.meta.get("recipe")
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path} records no training recipe, so it cannot be resumed (only a checkpoint that "
+                        "`circuitir train` wrote can)")
+    try:
+        return Recipe(**recipe)
+    except TypeError as exc:
+        raise UserError(f"{path}: its recorded recipe does not fit this circuitir ({exc})") from None

@@ -43,7 +43,11 @@ def corpus_windows(corpus_tokens: torch.Tensor, block_size: int, n_tokens: int, 
 def pretrain_means(loaded, tokens: int, seed: int, graph_ir=None) -> tuple[dict, dict]:
     """Per-site means over ``tokens`` corpus tokens, from the cache when possible."""
     from circuitir.data.corpus import load_corpus
+    from circuitir.grammar.schema import MAX_ABLATION_TOKENS
     from circuitir.models.checkpoint import atomic_path
+
+    if not 0 < tokens <= MAX_ABLATION_TOKENS:
+        raise UserError(f"mean-ablate{{tokens}} must be from 1 to {MAX_ABLATION_TOKENS:,} (2^30), got {tokens}")
 
     corpus_info = loaded.meta.get("corpus", {})
     corpus = load_corpus(corpus_info.get("root") if corpus_info.get("root") and
@@ -54,14 +58,24 @@ def pretrain_means(loaded, tokens: int, seed: int, graph_ir=None) -> tuple[dict,
     if path.exists():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
-            return cached, {**info, "cached": True}
         except Exception:
-            path.unlink(missing_ok=True)  # a broken cache entry is recomputed
+            cached = None
+        if _means_fit(cached, loaded.model):
+            return cached, {**info, "cached": True}
+        path.unlink(missing_ok=True)  # a broken, truncated or wrong-shaped cache entry is recomputed
     windows = corpus_windows(corpus.train, loaded.config.block_size, tokens, seed)
     means = site_means(graph_ir if graph_ir is not None else loaded.model, windows)
     with atomic_path(path) as temp:
         torch.save(means, temp)
     return means, {**info, "cached": False}
+
+
+def _means_fit(cached, model) -> bool:
+    """Whether a cached means file holds one finite float vector per site of ``model``, of the site's width."""
+    widths = {name: site.width for name, site in model.sites().items()}
+    return isinstance(cached, dict) and set(cached) == set(widths) and all(
+        isinstance(v, torch.Tensor) and v.dtype.is_floating_point and tuple(v.shape) == (widths[k],)
+        and bool(torch.isfinite(v).all()) for k, v in cached.items())
 
 
 def task_means(loaded, task, tokens: int, seed: int, graph_ir=None) -> tuple[dict, dict]:
