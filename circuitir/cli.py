@@ -306,6 +306,89 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_bridge_train(args) -> int:
+    import torch
+
+    from circuitir.models.bridges import BridgeRecipe, log_to, train_bridges
+
+    recipe = BridgeRecipe()
+    for name in ("steps", "batch_size", "lr", "nmse_weight", "kl_weight", "lm_weight", "encoder_k", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(recipe, name, value)
+    if args.sparse is None:
+        from circuitir.models.train import PRESETS
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
+        recipe.sparse_recipe = PRESETS[args.preset].to_dict()
+        recipe.sparse_recipe["steps"] = recipe.steps
+    if recipe.steps <= 0 or recipe.batch_size <= 0:
+        raise UserError("--steps and --batch-size must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
+                           progress=show_progress(args), log=log_to(args.log))
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote {args.output} ({result['steps']} steps)")
+    return 0
+
+
+def cmd_bridge_eval(args) -> int:
+    from circuitir.runtime.steer import bridge_eval
+
+    result = bridge_eval(args.bridged, args.dense, args.task, args.n, args.windows)
+    if args.json:
+        print_json(result)
+        return 0
+    task = result["task"]
+    print(f"pretraining loss on {result['windows']} validation windows; KL to the dense logits (nats/token)"
+          + (f"; task loss on {task}" if task else ""))
+    for name in ("dense", "sparse"):
+        row = result[name]
+        line = f"  {name:7s} LM loss {row['lm_loss']:.4f}"
+        if "kl" in row:
+            line += f"  KL {row['kl']:.4f}"
+        if task:
+            line += f"  task loss {row['task_loss']:.4f}"
+        print(line)
+    head = f"{'boundary':9s} {'NMSE enc':>9s} {'NMSE dec':>9s} {'KL d→s':>8s} {'KL s→d':>8s} {'LM d→s':>8s} {'LM s→d':>8s}"
+    print(head + (f" {'task d→s':>9s} {'task s→d':>9s}" if task else ""))
+    for row in result["boundaries"]:
+        line = (f"{row['boundary']:9s} {row['nmse_enc']:9.4f} {row['nmse_dec']:9.4f} {row['kl_d2s']:8.4f} "
+                f"{row['kl_s2d']:8.4f} {row['lm_loss_d2s']:8.4f} {row['lm_loss_s2d']:8.4f}")
+        if task:
+            line += f" {row['task_loss_d2s']:9.4f} {row['task_loss_s2d']:9.4f}"
+        print(line)
+    return 0
+
+
+def cmd_steer(args) -> int:
+    from circuitir.runtime.steer import parse_strengths, plot_steering, steer
+
+    strengths = parse_strengths(args.strength)
+    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
+        raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+    result = steer(args.bridged, args.dense, args.task, args.node, strengths, args.circuit, args.n, args.seed)
+    if args.plot:
+        plot_steering(result, args.plot)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{result['task']}: steering channel(s) {result['channels']} at {result['boundary']} "
+          f"({result['n']} held-out prompts; P = dense model's mean next-token probability)")
+    print(f"{'strength':>8s} {'P(actual)':>10s} {'P(other)':>9s} {'random P(actual)':>17s} {'random P(other)':>16s}")
+    for b, r in zip(result["bridge"], result["random"]):
+        print(f"{b['strength']:8.3g} {b['p_correct']:10.4f} {b['p_other']:9.4f} {r['p_correct']:17.4f} "
+              f"{r['p_other']:16.4f}")
+    print(f"P(other) change: bridge {result['bridge_p_other_change']:+.4f}, random "
+          f"{result['random_p_other_change']:+.4f}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,11 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-mix", type=float, help="fraction of sequences drawn from train-split task text")
     p.add_argument("--corpus", help="directory of .py files [default: this Python's standard library]")
     p.add_argument("--seed", type=int, help="random seed (same seed, same weights)")
-    p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log", help="append one JSON line per evaluation to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print final metrics as JSON")
+    training_run_options(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="task loss and accuracy of a model",
@@ -425,7 +504,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file: .dot, .gv, .pdf, .svg or .png")
     p.add_argument("--title", help="graph title [default: task, nodes and edges]")
     p.set_defaults(run=cmd_render)
+    add_bridge_parsers(sub)
     return parser
+
+
+def training_run_options(p) -> None:
+    """The options every training command shares: resume, threads, log, progress, JSON."""
+    p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log", help="append one JSON line per evaluation to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print final metrics as JSON")
+
+
+def add_bridge_parsers(sub) -> None:
+    """`bridge train`, `bridge eval` and `steer` (issue 8)."""
+    bridge = sub.add_parser("bridge", help="bridges between a sparse and a dense model: train, eval",
+                            description="Encoders/decoders at every sublayer boundary (PAPER.md § Bridges).")
+    bsub = bridge.add_subparsers(dest="bridge_command", required=True, metavar="SUBCOMMAND")
+    p = bsub.add_parser("train", help="fit bridges to two frozen models (--sparse), or train a sparse model "
+                                      "jointly with them",
+                        description="Loss = [sparse LM loss, joint mode] + Σ NMSE both ways + Σ KL(dense ‖ "
+                                    "hybrid) for both hybrid directions. Writes a bridged checkpoint.")
+    p.add_argument("--dense", required=True, help="the dense model (frozen)")
+    p.add_argument("--sparse", help="an existing sparse model (frozen): fit only the bridges")
+    p.add_argument("-o", "--output", required=True, help="bridged checkpoint to write (.pt)")
+    p.add_argument("--preset", default="small", help="joint mode: the sparse model's recipe preset")
+    p.add_argument("--steps", type=int, help="optimiser steps [default: 1200]")
+    p.add_argument("--batch-size", type=int, help="sequences per step [default: 16]")
+    p.add_argument("--lr", type=float, help="peak learning rate [default: 1e-3]")
+    p.add_argument("--nmse-weight", type=float, help="weight of the NMSE terms [default: 1]")
+    p.add_argument("--kl-weight", type=float, help="weight of the hybrid KL terms [default: 1]")
+    p.add_argument("--lm-weight", type=float, help="joint mode: weight of the sparse LM loss [default: 1]")
+    p.add_argument("--encoder-k", type=int, help="AbsTopK k of the encoders [default: the sparse width]")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
+    training_run_options(p)
+    p.set_defaults(run=cmd_bridge_train)
+
+    p = bsub.add_parser("eval", help="per boundary: NMSE both ways, hybrids' KL and losses",
+                        description="Both hybrid graphs at every boundary (dense prefix -> encode -> sparse "
+                                    "suffix; sparse prefix -> decode -> dense suffix) beside the two models.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--task", help="also report task loss on this task")
+    p.add_argument("-n", type=int, default=256, help="task prompts [default: 256]")
+    p.add_argument("--windows", type=int, default=32, help="validation windows [default: 32]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_bridge_eval)
+
+    p = sub.add_parser("steer", help="steer the dense model along a sparse channel through the bridge",
+                       description="PAPER.md A.4: counterfactual minus actual activation of a sparse channel "
+                                   "(from each prompt's contrast partner), decoded into the dense model's "
+                                   "read at that boundary, times each strength; beside a random direction "
+                                   "of the same norm.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--task", required=True, help="task with contrast pairs")
+    p.add_argument("--node", help="sparse read channel: {L}.attn.act_in[c], {L}.mlp.act_in[c] or final_resid[c]")
+    p.add_argument("--circuit", help="steer along all of this circuit's channels at the boundary")
+    p.add_argument("--strength", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
+    p.add_argument("-n", type=int, default=64, help="held-out prompts [default: 64]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="draw the curves (.png/.pdf/.svg, matplotlib)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_steer)
 
 
 def main(argv: list[str] | None = None) -> int:
