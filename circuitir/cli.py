@@ -389,6 +389,22 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def cmd_bridge_explain(args) -> int:
+    from circuitir.runtime.steer import explain
+
+    result = explain(args.bridged, args.dense, args.circuit, args.n, args.seed)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{result['task']}: circuit of {result['circuit_nodes']} nodes decoded into the dense model "
+          f"({result['n']} held-out prompts); dense task loss {result['dense_task_loss']:.4f}")
+    print(f"{'boundary':9s} {'agreement':>9s} {'task loss':>9s} {'sparse->dense':>13s} {'ablated':>8s} {'change':>8s}")
+    for row in result["boundaries"]:
+        print(f"{row['boundary']:9s} {row['circuit_agreement']:9.3f} {row['circuit_task_loss']:9.4f} "
+              f"{row['sparse_task_loss']:13.4f} {row['ablated_task_loss']:8.4f} {row['ablation_change']:+8.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,6 +567,18 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("--windows", type=int, default=32, help="validation windows [default: 32]")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_bridge_eval)
+
+    p = bsub.add_parser("explain", help="a circuit of the bridged sparse model, decoded into the dense model",
+                        description="Per boundary: agreement of the dense model's task predictions with the "
+                                    "circuit's decoded into the dense suffix, and the dense task-loss change "
+                                    "when the circuit's channels are ablated in the sparse model instead.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--circuit", required=True, help="a circuit extracted from the bridged sparse model")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts [default: 256]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_bridge_explain)
 
     p = sub.add_parser("steer", help="steer the dense model along a sparse channel through the bridge",
                        description="PAPER.md A.4: counterfactual minus actual activation of a sparse channel "

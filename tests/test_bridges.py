@@ -69,6 +69,29 @@ def test_hybrid_is_prefix_bridge_suffix(make_model, random_tokens):
     torch.testing.assert_close(dense_h["0.attn"], embed)
 
 
+def test_hybrid_of_a_masked_graph(make_model, random_tokens):
+    """explain's composition: a masked sparse graph (ir/masked.py) spliced into the dense suffix."""
+    from circuitir.ir.masked import mask_graph
+    from circuitir.ir.trace import GraphIR
+    dense, sparse = make_model(seed=1), make_model(seed=2)
+    dense_ir, sparse_ir = trace(dense), trace(sparse)
+    tokens = random_tokens()
+    fills = {name: torch.full((site.width,), 0.3) for name, site in sparse.sites().items()}
+    keep = {name: torch.ones(site.width, dtype=torch.bool) for name, site in sparse.sites().items()}
+
+    def masked(mask):
+        return GraphIR(mask_graph(sparse_ir, fills, mask), sparse_ir.sites, sparse_ir.nonzeros, sparse_ir.norms)
+    bridge = identity_bridge(8)
+    plain = hybrid(sparse_ir, dense_ir, "1.mlp", bridge)(tokens)
+    torch.testing.assert_close(hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens), plain, rtol=0, atol=1e-6)
+    keep["0.mlp.resid_delta"][:] = False  # ablate a write before the boundary: the residual changes by its fill
+    got = hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens)
+    assert not torch.allclose(got, plain)
+    keep["0.mlp.resid_delta"][:] = True
+    keep["1.mlp.post_act"][:] = False  # after the boundary: the sparse suffix is not in the hybrid
+    torch.testing.assert_close(hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens), plain, rtol=0, atol=1e-6)
+
+
 def test_hybrid_graph_shares_no_gradients(make_model, random_tokens):
     dense, sparse = make_model(seed=1), make_model(seed=2)
     bridge = identity_bridge(8)
