@@ -284,3 +284,28 @@ def test_hash_and_tokenizer_mismatch(capsys, bridged, tmp_path, make_model, tiny
     target = tmp_path / "never.pt"
     code, _, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--sparse", odd, "-o", target, "--steps", "1")
     assert code == 2 and "different tokenizer" in err and not target.exists()
+
+
+def test_bridge_eval_of_identity_bridges_between_one_model(capsys, tmp_path, make_model, tiny_corpus):
+    """A model bridged to itself by identity maps: every NMSE and KL is 0, every hybrid loss the model's."""
+    from circuitir.models.bridges import save_deterministic
+    model = make_model(seed=4, block_size=BLOCK)
+    dense = tmp_path / "dense.pt"
+    digest = write_model(dense, model, tiny_corpus)
+    bridges = Bridges(boundaries(model.config), 8, 8, encoder_k=8)
+    for point in bridges.points:
+        for linear in (bridges.encoder(point).linear, bridges.decoder(point)):
+            linear.load_state_dict(identity_bridge(8).state_dict())
+    out = tmp_path / "self.pt"
+    save_deterministic(out, model, ByteTokenizer(), recipe={"corpus": str(tiny_corpus)},
+                       bridge=bridges.state_dict(), bridge_config=bridges.config(), dense_sha256=digest)
+    code, stdout, err = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", "8",
+                                "--windows", "2", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["sparse"]["lm_loss"] == pytest.approx(result["dense"]["lm_loss"], abs=1e-6)
+    for row in result["boundaries"]:
+        assert row["nmse_enc"] == row["nmse_dec"] == 0.0
+        assert row["kl_d2s"] == pytest.approx(0, abs=1e-6) and row["kl_s2d"] == pytest.approx(0, abs=1e-6)
+        assert row["lm_loss_d2s"] == pytest.approx(result["dense"]["lm_loss"], abs=1e-5)
+        assert row["task_loss_s2d"] == pytest.approx(result["dense"]["task_loss"], abs=1e-5)
