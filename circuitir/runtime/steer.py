@@ -260,13 +260,16 @@ def plot_steering(result: dict, path) -> None:
     from circuitir.models.checkpoint import atomic_path
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     s = result["strengths"]
-    for name, style in (("bridge", "-o"), ("random", "--s")):
-        ax.plot(s, [r["p_other"] for r in result[name]], style, label=f"{name}: P(other answer)")
-        ax.plot(s, [r["p_correct"] for r in result[name]], style, alpha=0.45, label=f"{name}: P(actual answer)")
+    for name, style, color in (("bridge", "-o", "tab:blue"), ("random", "--s", "tab:gray")):
+        ax.plot(s, [r["p_other"] for r in result[name]], style, color=color, label=f"{name}: P(other answer)")
+        ax.plot(s, [r["p_correct"] for r in result[name]], style, color=color, alpha=0.4,
+                label=f"{name}: P(actual answer)")
     ax.set_xlabel("steering strength")
     ax.set_ylabel("dense model probability")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{result['task']}: channel(s) {result['channels']} at {result['boundary']}", fontsize=9)
+    channels = result["channels"]
+    named = ", ".join(map(str, channels)) if len(channels) <= 6 else f"{len(channels)} circuit channels"
+    ax.set_title(f"{result['task']}: steering {named} at {result['boundary']} (n={result['n']})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     suffix_ = str(path).rsplit(".", 1)[-1] if "." in str(path) else "png"
