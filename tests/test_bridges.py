@@ -309,3 +309,10 @@ def test_bridge_eval_of_identity_bridges_between_one_model(capsys, tmp_path, mak
         assert row["kl_d2s"] == pytest.approx(0, abs=1e-6) and row["kl_s2d"] == pytest.approx(0, abs=1e-6)
         assert row["lm_loss_d2s"] == pytest.approx(result["dense"]["lm_loss"], abs=1e-5)
         assert row["task_loss_s2d"] == pytest.approx(result["dense"]["task_loss"], abs=1e-5)
+
+
+def test_explain_refuses_a_circuit_of_another_model(capsys, bridged):
+    dense, out = bridged
+    code, _, err = run_cli(capsys, "bridge", "explain", out, "--dense", dense, "--circuit",
+                           "examples/sparse-quotes.cir")
+    assert code == 2 and "was not extracted from the sparse model" in err and len(err.strip().splitlines()) == 1
