@@ -316,3 +316,15 @@ def test_explain_refuses_a_circuit_of_another_model(capsys, bridged):
     code, _, err = run_cli(capsys, "bridge", "explain", out, "--dense", dense, "--circuit",
                            "examples/sparse-quotes.cir")
     assert code == 2 and "was not extracted from the sparse model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bridge_train_cli_joint_mode(capsys, tmp_path, make_model, tiny_corpus):
+    dense = tmp_path / "dense1.pt"
+    write_model(dense, make_model(seed=1, n_layer=1, block_size=BLOCK), tiny_corpus)
+    out = tmp_path / "joint.pt"
+    code, stdout, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--preset", "tiny", "--steps", "2",
+                                "--batch-size", "2", "-o", out, "--quiet")
+    assert code == 0, err
+    raw = torch.load(out, weights_only=True)
+    assert raw["bridge_recipe"]["joint"] and raw["bridge_config"]["d_sparse"] == 16 and raw["sparse_path"] is None
+    assert load_model(out).config.d_model == 16
