@@ -37,11 +37,14 @@ def print_json(obj) -> None:
 MAX_COUNT = 10_000_000  # prompts, steps, sequences per step: beyond this a run would not end
 # option attribute -> (flag, low, high); whole numbers
 COUNTS = {"n": ("-n", 1, MAX_COUNT), "steps": ("--steps", 1, MAX_COUNT), "batch_size": ("--batch-size", 1, MAX_COUNT),
-          "threads": ("--threads", 1, 4096), "seed": ("--seed", 0, 2 ** 32 - 1)}
+          "threads": ("--threads", 1, 4096), "seed": ("--seed", 0, 2 ** 32 - 1),
+          "windows": ("--windows", 1, MAX_COUNT), "encoder_k": ("--encoder-k", 1, 1 << 20)}
 # option attribute -> (flag, low, high, low excluded); finite numbers
 NUMBERS = {"lr": ("--lr", 0.0, 10.0, True), "density": ("--density", 0.0, 1.0, True),
            "task_mix": ("--task-mix", 0.0, 1.0, False), "target_loss": ("--target-loss", 0.0, 100.0, True),
-           "necessity_loss": ("--necessity-loss", 0.0, 100.0, False), "tolerance": ("--tolerance", 0.0, 1e30, False)}
+           "necessity_loss": ("--necessity-loss", 0.0, 100.0, False), "tolerance": ("--tolerance", 0.0, 1e30, False),
+           "nmse_weight": ("--nmse-weight", 0.0, 1e6, False), "kl_weight": ("--kl-weight", 0.0, 1e6, False),
+           "lm_weight": ("--lm-weight", 0.0, 1e6, False)}
 
 
 def check_numbers(args) -> None:
@@ -614,6 +617,106 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bridge_train(args) -> int:
+    import torch
+
+    from circuitir.models.bridges import BridgeRecipe, log_to, train_bridges
+
+    recipe = BridgeRecipe()
+    for name in ("steps", "batch_size", "lr", "nmse_weight", "kl_weight", "lm_weight", "encoder_k", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(recipe, name, value)
+    if args.sparse is None:
+        from circuitir.models.train import PRESETS
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
+        recipe.sparse_recipe = PRESETS[args.preset].to_dict()
+        recipe.sparse_recipe["steps"] = recipe.steps
+    check_output_path(args.output, "the bridged checkpoint")
+    if args.log:
+        check_output_path(args.log, "the log")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
+                           progress=show_progress(args), log=log_to(args.log))
+    if args.json:
+        print_json(result)
+    else:
+        print(f"wrote {args.output} ({result['steps']} steps)")
+    return 0
+
+
+def cmd_bridge_eval(args) -> int:
+    from circuitir.runtime.steer import bridge_eval
+
+    result = bridge_eval(args.bridged, args.dense, args.task, args.n, args.windows)
+    if args.json:
+        print_json(result)
+        return 0
+    task = result["task"]
+    print(f"pretraining loss on {result['windows']} validation windows; KL to the dense logits (nats/token)"
+          + (f"; task loss on {task}" if task else ""))
+    for name in ("dense", "sparse"):
+        row = result[name]
+        line = f"  {name:7s} LM loss {row['lm_loss']:.4f}"
+        if "kl" in row:
+            line += f"  KL {row['kl']:.4f}"
+        if task:
+            line += f"  task loss {row['task_loss']:.4f}"
+        print(line)
+    head = f"{'boundary':9s} {'NMSE enc':>9s} {'NMSE dec':>9s} {'KL d→s':>8s} {'KL s→d':>8s} {'LM d→s':>8s} {'LM s→d':>8s}"
+    print(head + (f" {'task d→s':>9s} {'task s→d':>9s}" if task else ""))
+    for row in result["boundaries"]:
+        line = (f"{row['boundary']:9s} {row['nmse_enc']:9.4f} {row['nmse_dec']:9.4f} {row['kl_d2s']:8.4f} "
+                f"{row['kl_s2d']:8.4f} {row['lm_loss_d2s']:8.4f} {row['lm_loss_s2d']:8.4f}")
+        if task:
+            line += f" {row['task_loss_d2s']:9.4f} {row['task_loss_s2d']:9.4f}"
+        print(line)
+    return 0
+
+
+def cmd_steer(args) -> int:
+    from circuitir.runtime.steer import parse_strengths, plot_steering, steer
+
+    strengths = parse_strengths(args.strength)
+    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
+        raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+    result = steer(args.bridged, args.dense, args.task, args.node, strengths, args.circuit, args.n, args.seed)
+    if args.plot:
+        plot_steering(result, args.plot)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{result['task']}: steering channel(s) {result['channels']} at {result['boundary']} "
+          f"({result['n']} held-out prompts; P = dense model's mean next-token probability)")
+    print(f"{'strength':>8s} {'P(actual)':>10s} {'P(other)':>9s} {'random P(actual)':>17s} {'random P(other)':>16s}")
+    for b, r in zip(result["bridge"], result["random"]):
+        print(f"{b['strength']:8.3g} {b['p_correct']:10.4f} {b['p_other']:9.4f} {r['p_correct']:17.4f} "
+              f"{r['p_other']:16.4f}")
+    print(f"P(other) change: bridge {result['bridge_p_other_change']:+.4f}, random "
+          f"{result['random_p_other_change']:+.4f}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_bridge_explain(args) -> int:
+    from circuitir.runtime.steer import explain
+
+    result = explain(args.bridged, args.dense, args.circuit, args.n, args.seed)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{result['task']}: circuit of {result['circuit_nodes']} nodes decoded into the dense model "
+          f"({result['n']} held-out prompts); dense task loss {result['dense_task_loss']:.4f}")
+    print(f"{'boundary':9s} {'agreement':>9s} {'task loss':>9s} {'sparse->dense':>13s} {'ablated':>8s} {'change':>8s}")
+    for row in result["boundaries"]:
+        print(f"{row['boundary']:9s} {row['circuit_agreement']:9.3f} {row['circuit_task_loss']:9.4f} "
+              f"{row['sparse_task_loss']:13.4f} {row['ablated_task_loss']:8.4f} {row['ablation_change']:+8.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def add_task_file_option(p, text: str | None = None) -> None:
@@ -655,16 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-mix", type=float, help="fraction of sequences drawn from train-split task text")
     p.add_argument("--corpus", help="directory of .py files [default: this Python's standard library]")
     p.add_argument("--seed", type=int, help="random seed (same seed, same weights)")
-    p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log", "--log-file", dest="log",
-                   help="append one JSON line per evaluation to this file (under torchrun write --log-file: "
-                        "torchrun's own parser takes --log for its --log-dir)")
+    training_run_options(p)
     add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the forward and backward passes (autocast; weights stay float32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print final metrics as JSON")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="task loss and accuracy of a model",
@@ -858,7 +955,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=256, help="task prompts for the explanations [default: 256]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_report)
+
+    add_bridge_parsers(sub)
     return parser
+
+
+def training_run_options(p) -> None:
+    """The options every training command shares: resume, threads, log, progress, JSON."""
+    p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log", "--log-file", dest="log",
+                   help="append one JSON line per evaluation to this file (under torchrun write --log-file: "
+                        "torchrun's own parser takes --log for its --log-dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print final metrics as JSON")
+
+
+def add_bridge_parsers(sub) -> None:
+    """`bridge train`, `bridge eval` and `steer` (issue 8)."""
+    bridge = sub.add_parser("bridge", help="bridges between a sparse and a dense model: train, eval",
+                            description="Encoders/decoders at every sublayer boundary (PAPER.md § Bridges).")
+    bsub = bridge.add_subparsers(dest="bridge_command", required=True, metavar="SUBCOMMAND")
+    p = bsub.add_parser("train", help="fit bridges to two frozen models (--sparse), or train a sparse model "
+                                      "jointly with them",
+                        description="Loss = [sparse LM loss, joint mode] + Σ NMSE both ways + Σ KL(dense ‖ "
+                                    "hybrid) for both hybrid directions. Writes a bridged checkpoint.")
+    p.add_argument("--dense", required=True, help="the dense model (frozen)")
+    p.add_argument("--sparse", help="an existing sparse model (frozen): fit only the bridges")
+    p.add_argument("-o", "--output", required=True, help="bridged checkpoint to write (.pt)")
+    p.add_argument("--preset", default="small", help="joint mode: the sparse model's recipe preset")
+    p.add_argument("--steps", type=int, help="optimiser steps [default: 1200]")
+    p.add_argument("--batch-size", type=int, help="sequences per step [default: 16]")
+    p.add_argument("--lr", type=float, help="peak learning rate [default: 1e-3]")
+    p.add_argument("--nmse-weight", type=float, help="weight of the NMSE terms [default: 1]")
+    p.add_argument("--kl-weight", type=float, help="weight of the hybrid KL terms [default: 1]")
+    p.add_argument("--lm-weight", type=float, help="joint mode: weight of the sparse LM loss [default: 1]")
+    p.add_argument("--encoder-k", type=int, help="AbsTopK k of the encoders [default: the sparse width]")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
+    training_run_options(p)
+    p.set_defaults(run=cmd_bridge_train)
+
+    p = bsub.add_parser("eval", help="per boundary: NMSE both ways, hybrids' KL and losses",
+                        description="Both hybrid graphs at every boundary (dense prefix -> encode -> sparse "
+                                    "suffix; sparse prefix -> decode -> dense suffix) beside the two models.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--task", help="also report task loss on this task")
+    p.add_argument("-n", type=int, default=256, help="task prompts [default: 256]")
+    p.add_argument("--windows", type=int, default=32, help="validation windows [default: 32]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_bridge_eval)
+
+    p = bsub.add_parser("explain", help="a circuit of the bridged sparse model, decoded into the dense model",
+                        description="Per boundary: agreement of the dense model's task predictions with the "
+                                    "circuit's decoded into the dense suffix, and the dense task-loss change "
+                                    "when the circuit's channels are ablated in the sparse model instead.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--circuit", required=True, help="a circuit extracted from the bridged sparse model")
+    p.add_argument("-n", type=int, default=256, help="held-out prompts [default: 256]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_bridge_explain)
+
+    p = sub.add_parser("steer", help="steer the dense model along a sparse channel through the bridge",
+                       description="PAPER.md A.4: counterfactual minus actual activation of a sparse channel "
+                                   "(from each prompt's contrast partner), decoded into the dense model's "
+                                   "read at that boundary, times each strength; beside a random direction "
+                                   "of the same norm.")
+    p.add_argument("bridged", help="bridged checkpoint")
+    p.add_argument("--dense", required=True, help="the dense model it was bridged to")
+    p.add_argument("--task", required=True, help="task with contrast pairs")
+    p.add_argument("--node", help="sparse read channel: {L}.attn.act_in[c], {L}.mlp.act_in[c] or final_resid[c]")
+    p.add_argument("--circuit", help="steer along all of this circuit's channels at the boundary")
+    p.add_argument("--strength", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
+    p.add_argument("-n", type=int, default=64, help="held-out prompts [default: 64]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="draw the curves (.png/.pdf/.svg, matplotlib)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_steer)
 
 
 def main(argv: list[str] | None = None) -> int:

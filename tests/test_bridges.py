@@ -1,0 +1,330 @@
+"""Bridges: the hybrid-graph pass, the objective's terms, bridge training, eval, steering, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from circuitir.cli import main
+from circuitir.ir.bridge import boundaries, hybrid, residuals, suffix
+from circuitir.ir.trace import trace
+from circuitir.models.bridges import BridgeRecipe, Bridges, Encoder, kl_divergence, nmse, train_bridges
+from circuitir.models.checkpoint import load_model, save_checkpoint
+from circuitir.models.tokenizer import ByteTokenizer
+from circuitir.runtime.steer import parse_strengths, steered_graph
+
+BLOCK = 128  # task prompts (single_double_quote) fit
+
+
+def identity_bridge(width: int) -> nn.Linear:
+    linear = nn.Linear(width, width)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(width))
+        linear.bias.zero_()
+    return linear
+
+
+def state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_identity_hybrid_reproduces_model(make_model, random_tokens):
+    model = make_model(seed=1)
+    before = state(model)
+    ir = trace(model)
+    tokens = random_tokens(batch=2, length=16)
+    expected = model(tokens)
+    encoder = Encoder(8, 8, k=8)
+    encoder.linear.load_state_dict(identity_bridge(8).state_dict())
+    for point in boundaries(model.config):
+        for bridge in (identity_bridge(8), encoder, None):
+            torch.testing.assert_close(hybrid(ir, ir, point, bridge)(tokens), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(suffix(ir, point)(tokens, residuals(ir)(tokens)[1][point]), expected,
+                                   rtol=0, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hybrid_is_prefix_bridge_suffix(make_model, random_tokens):
+    dense, sparse = make_model(seed=1), make_model(seed=2, d_model=12, d_mlp=20)
+    dense_ir, sparse_ir = trace(dense), trace(sparse)
+    tokens = random_tokens(batch=2, length=16)
+    torch.manual_seed(0)
+    bridges = Bridges(boundaries(dense.config), 8, 12, encoder_k=5)
+    _, dense_h = residuals(dense_ir)(tokens)
+    _, sparse_h = residuals(sparse_ir)(tokens)
+    for point in bridges.points:
+        enc, dec = bridges.encoder(point), bridges.decoder(point)
+        got = hybrid(dense_ir, sparse_ir, point, enc)(tokens)
+        torch.testing.assert_close(got, suffix(sparse_ir, point)(tokens, enc(dense_h[point])), rtol=0, atol=1e-6)
+        got = hybrid(sparse_ir, dense_ir, point, dec)(tokens)
+        torch.testing.assert_close(got, suffix(dense_ir, point)(tokens, dec(sparse_h[point])), rtol=0, atol=1e-6)
+        # the encoder is AbsTopK(Linear): k of 12 channels survive
+        assert int((enc(dense_h[point]) != 0).sum(-1).max()) == 5
+    # the residual at "0.attn" is the embedding; at "final" the input of ln_f
+    embed = dense.transformer.wte(tokens) + dense.transformer.wpe.weight[:16]
+    torch.testing.assert_close(dense_h["0.attn"], embed)
+
+
+def test_hybrid_of_a_masked_graph(make_model, random_tokens):
+    """explain's composition: a masked sparse graph (ir/masked.py) spliced into the dense suffix."""
+    from circuitir.ir.masked import mask_graph
+    from circuitir.ir.trace import GraphIR
+    dense, sparse = make_model(seed=1), make_model(seed=2)
+    dense_ir, sparse_ir = trace(dense), trace(sparse)
+    tokens = random_tokens()
+    fills = {name: torch.full((site.width,), 0.3) for name, site in sparse.sites().items()}
+    keep = {name: torch.ones(site.width, dtype=torch.bool) for name, site in sparse.sites().items()}
+
+    def masked(mask):
+        return GraphIR(mask_graph(sparse_ir, fills, mask), sparse_ir.sites, sparse_ir.nonzeros, sparse_ir.norms)
+    bridge = identity_bridge(8)
+    plain = hybrid(sparse_ir, dense_ir, "1.mlp", bridge)(tokens)
+    torch.testing.assert_close(hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens), plain, rtol=0, atol=1e-6)
+    keep["0.mlp.resid_delta"][:] = False  # ablate a write before the boundary: the residual changes by its fill
+    got = hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens)
+    assert not torch.allclose(got, plain)
+    keep["0.mlp.resid_delta"][:] = True
+    keep["1.mlp.post_act"][:] = False  # after the boundary: the sparse suffix is not in the hybrid
+    torch.testing.assert_close(hybrid(masked(keep), dense_ir, "1.mlp", bridge)(tokens), plain, rtol=0, atol=1e-6)
+
+
+def test_hybrid_graph_shares_no_gradients(make_model, random_tokens):
+    dense, sparse = make_model(seed=1), make_model(seed=2)
+    bridge = identity_bridge(8)
+    module = hybrid(trace(dense), trace(sparse), "1.attn", bridge)
+    assert not module(random_tokens()).requires_grad  # constant copies: nothing of either model is trained
+    assert all(not p.requires_grad for p in module.parameters())
+    live = hybrid(trace(dense), trace(sparse), "1.attn", bridge, live=True)
+    live(random_tokens()).sum().backward()
+    assert bridge.weight.grad is not None and dense.lm_head.weight.grad is None  # dense prefix does not reach the output
+    assert sparse.lm_head.weight.grad is not None
+
+
+def test_nmse_and_kl_by_hand():
+    target = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])          # channel means 2, 4; centred var = (1+1+4+4)/4
+    prediction = torch.tensor([[[1.0, 3.0], [2.0, 6.0]]])      # squared errors 0, 1, 1, 0 -> MSE 0.5
+    assert float(nmse(prediction, target)) == pytest.approx(0.5 / 2.5)
+    p, q = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    by_hand = 0.75 * torch.log(torch.tensor(1.5)) + 0.25 * torch.log(torch.tensor(0.5))
+    assert float(kl_divergence(p.log()[None, None], q.log()[None, None])) == pytest.approx(float(by_hand))
+    assert float(kl_divergence(p.log()[None], p.log()[None])) == 0.0
+
+
+def test_steered_graph_adds_at_the_read(make_model, random_tokens):
+    model = make_model(seed=3)
+    tokens = random_tokens(batch=2, length=16)
+    delta = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    graph = steered_graph(trace(model), "final", delta)
+    torch.testing.assert_close(graph(tokens), model(tokens), rtol=0, atol=0)
+    graph.steer_strength.fill_(0.5)
+    _, h = residuals(trace(model))(tokens)
+    by_hand = model.lm_head(model.transformer.ln_f(h["final"]) + 0.5 * delta) + model.final_logits_bias
+    torch.testing.assert_close(graph(tokens), by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_parse_strengths():
+    assert parse_strengths("0,0.25, 1") == [0.0, 0.25, 1.0]
+    from circuitir.errors import UserError
+    for bad in ("0,a", "", "nan", ",,"):
+        with pytest.raises(UserError):
+            parse_strengths(bad)
+
+
+# ---------------------------------------------------------------- training and the CLI
+
+def write_model(path, model, corpus, tokenizer_spec=None) -> str:
+    tokenizer = ByteTokenizer()
+    if tokenizer_spec is not None:
+        tokenizer = type("T", (), {"spec": tokenizer_spec})()
+    return save_checkpoint(path, model, tokenizer, recipe={"corpus": str(corpus), "task_mix": 0.0,
+                                                           "model": model.config.to_dict()})
+
+
+@pytest.fixture
+def pair(tmp_path, make_model, tiny_corpus):
+    dense = tmp_path / "dense.pt"
+    sparse = tmp_path / "sparse.pt"
+    write_model(dense, make_model(seed=1, block_size=BLOCK), tiny_corpus)
+    write_model(sparse, make_model(seed=2, block_size=BLOCK, d_model=12), tiny_corpus)
+    return dense, sparse
+
+
+def recipe(**overrides) -> BridgeRecipe:
+    fields = dict(steps=4, batch_size=2, eval_every=2, checkpoint_every=2, lr=1e-2)
+    fields.update(overrides)
+    return BridgeRecipe(**fields)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_bridge_train_frozen_models_deterministic_and_loadable(tmp_path, pair):
+    dense, sparse = pair
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    train_bridges(str(dense), str(a), str(sparse), recipe(), progress=False)
+    train_bridges(str(dense), str(b), str(sparse), recipe(), progress=False)
+    assert sha(a) == sha(b)
+    loaded = load_model(a)  # a plain sparse model to every other command
+    original = load_model(sparse)
+    assert all(torch.equal(v, original.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    raw = torch.load(a, weights_only=True)
+    assert raw["dense_sha256"] == sha(dense) and raw["sparse_sha256"] == sha(sparse)
+    assert "optimizer" not in raw and raw["bridge_config"]["d_dense"] == 8 and raw["bridge_config"]["d_sparse"] == 12
+
+
+def test_bridge_training_lowers_the_objective(tmp_path, pair):
+    dense, sparse = pair
+    logged = []
+    train_bridges(str(dense), str(tmp_path / "o.pt"), str(sparse), recipe(steps=30, eval_every=1,
+                  least_squares_init=False), progress=False, log=logged.append)
+    assert logged[-1]["loss"] < 0.8 * logged[0]["loss"]
+
+
+def test_bridge_train_resume_equals_uninterrupted(tmp_path, pair):
+    dense, sparse = pair
+    whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
+    train_bridges(str(dense), str(whole), str(sparse), recipe(), progress=False)
+
+    def stop(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_bridges(str(dense), str(cut), str(sparse), recipe(), progress=False, log=stop)
+    assert torch.load(cut, weights_only=True)["step"] == 2
+    train_bridges(str(dense), str(cut), resume=str(cut), progress=False)
+    assert sha(cut) == sha(whole)
+
+
+def test_joint_training_trains_a_weight_sparse_model(tmp_path, pair):
+    dense, _ = pair
+    out = tmp_path / "joint.pt"
+    sparse_recipe = dict(model=dict(n_layer=2, n_head=2, d_head=8, d_model=16, d_mlp=64, block_size=BLOCK),
+                         density=0.25, embed_density=0.5, anneal_start=0.0, anneal_end=0.5, steps=6,
+                         corpus=None)
+    logged = []
+    train_bridges(str(dense), str(out), None, recipe(steps=6, sparse_recipe=sparse_recipe, eval_every=1),
+                  progress=False, log=logged.append)
+    assert "lm" in logged[0] and "kl_d2s/final" in logged[0]
+    loaded = load_model(out)
+    c_fc = loaded.model.transformer.h[0].mlp.c_fc.weight
+    assert (c_fc != 0).float().mean() == pytest.approx(0.25, abs=0.02)
+    assert torch.load(out, weights_only=True)["sparse_sha256"] is None
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def bridged(tmp_path, pair):
+    dense, sparse = pair
+    out = tmp_path / "bridged.pt"
+    train_bridges(str(dense), str(out), str(sparse), recipe(), progress=False)
+    return dense, out
+
+
+def test_bridge_eval_cli(capsys, bridged):
+    dense, out = bridged
+    code, stdout, _ = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", "8",
+                              "--windows", "2", "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert [row["boundary"] for row in result["boundaries"]] == ["0.attn", "0.mlp", "1.attn", "1.mlp", "final"]
+    assert all(row["kl_d2s"] >= 0 and row["nmse_enc"] >= 0 and "task_loss_s2d" in row for row in result["boundaries"])
+
+
+def test_steer_cli(capsys, bridged, tmp_path):
+    dense, out = bridged
+    plot = tmp_path / "steer.png"
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                "--node", "1.attn.act_in[3]", "--strength", "0,0.5,1", "-n", "6",
+                                "--plot", plot, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["boundary"] == "1.attn" and result["channels"] == [3]
+    assert [r["strength"] for r in result["bridge"]] == [0.0, 0.5, 1.0]
+    assert result["bridge"][0] == result["random"][0]  # strength 0 is the dense model itself
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--node", "1.attn.q[3]"), "not a residual read"),
+    (("--node", "9.attn.act_in[3]"), "not a residual read"),
+    (("--node", "1.attn.act_in[99]"), "out of range"),
+    (("--node", "nonsense"), "not a node name"),
+    (("--node", "1.attn.act_in[3]", "--strength", "0,x"), "cannot parse"),
+])
+def test_steer_bad_input(capsys, bridged, tmp_path, args, message):
+    dense, out = bridged
+    plot = tmp_path / "p.png"
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "quotes", *args, "--plot", plot)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not plot.exists()
+
+
+def test_hash_and_tokenizer_mismatch(capsys, bridged, tmp_path, make_model, tiny_corpus):
+    dense, out = bridged
+    other = tmp_path / "other.pt"
+    write_model(other, make_model(seed=5, block_size=BLOCK), tiny_corpus)
+    code, _, err = run_cli(capsys, "bridge", "eval", out, "--dense", other)
+    assert code == 2 and "not the dense model" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "steer", out, "--dense", other, "--task", "quotes", "--node", "final_resid[0]")
+    assert code == 2 and "not the dense model" in err
+    code, _, err = run_cli(capsys, "bridge", "eval", dense, "--dense", dense)
+    assert code == 2 and "not a bridged checkpoint" in err
+    odd = tmp_path / "odd.pt"
+    write_model(odd, make_model(seed=2, block_size=BLOCK), tiny_corpus, tokenizer_spec={"kind": "bytes", "x": 1})
+    target = tmp_path / "never.pt"
+    code, _, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--sparse", odd, "-o", target, "--steps", "1")
+    assert code == 2 and "different tokenizer" in err and not target.exists()
+
+
+def test_bridge_eval_of_identity_bridges_between_one_model(capsys, tmp_path, make_model, tiny_corpus):
+    """A model bridged to itself by identity maps: every NMSE and KL is 0, every hybrid loss the model's."""
+    from circuitir.models.bridges import save_deterministic
+    model = make_model(seed=4, block_size=BLOCK)
+    dense = tmp_path / "dense.pt"
+    digest = write_model(dense, model, tiny_corpus)
+    bridges = Bridges(boundaries(model.config), 8, 8, encoder_k=8)
+    for point in bridges.points:
+        for linear in (bridges.encoder(point).linear, bridges.decoder(point)):
+            linear.load_state_dict(identity_bridge(8).state_dict())
+    out = tmp_path / "self.pt"
+    save_deterministic(out, model, ByteTokenizer(), recipe={"corpus": str(tiny_corpus)},
+                       bridge=bridges.state_dict(), bridge_config=bridges.config(), dense_sha256=digest)
+    code, stdout, err = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", "8",
+                                "--windows", "2", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["sparse"]["lm_loss"] == pytest.approx(result["dense"]["lm_loss"], abs=1e-6)
+    for row in result["boundaries"]:
+        assert row["nmse_enc"] == row["nmse_dec"] == 0.0
+        assert row["kl_d2s"] == pytest.approx(0, abs=1e-6) and row["kl_s2d"] == pytest.approx(0, abs=1e-6)
+        assert row["lm_loss_d2s"] == pytest.approx(result["dense"]["lm_loss"], abs=1e-5)
+        assert row["task_loss_s2d"] == pytest.approx(result["dense"]["task_loss"], abs=1e-5)
+
+
+def test_explain_refuses_a_circuit_of_another_model(capsys, bridged):
+    dense, out = bridged
+    code, _, err = run_cli(capsys, "bridge", "explain", out, "--dense", dense, "--circuit",
+                           "examples/sparse-quotes.cir")
+    assert code == 2 and "was not extracted from the sparse model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bridge_train_cli_joint_mode(capsys, tmp_path, make_model, tiny_corpus):
+    dense = tmp_path / "dense1.pt"
+    write_model(dense, make_model(seed=1, n_layer=1, block_size=BLOCK), tiny_corpus)
+    out = tmp_path / "joint.pt"
+    code, stdout, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--preset", "tiny", "--steps", "2",
+                                "--batch-size", "2", "-o", out, "--quiet")
+    assert code == 0, err
+    raw = torch.load(out, weights_only=True)
+    assert raw["bridge_recipe"]["joint"] and raw["bridge_config"]["d_sparse"] == 16 and raw["sparse_path"] is None
+    assert load_model(out).config.d_model == 16
