@@ -329,8 +329,9 @@ def cmd_run(args) -> int:
 def cmd_extract(args) -> int:
     from circuitir.grammar import emit
     from circuitir.models.checkpoint import atomic_write_text
-    from circuitir.runtime.extract import extract
+    from circuitir.runtime.extract import build_pipeline, extract
 
+    build_pipeline(args.pipeline, args.target_loss, args.ablation)  # bad pipeline text: before any work
     if args.task == "all":
         return extract_all(args)
     task = resolve_tasks(args)[0]

@@ -212,12 +212,9 @@ class Outcome:
 
 
 def may_overflow(circuit) -> bool:
-    """Whether the circuit's own numbers may make its logits non-finite: a non-finite or huge number, a
-    non-positive eps, or a live LayerNorm whose per-token tables (any values the file gives) may make its
-    variance negative."""
-    if any(not norm.rms and norm.frozen_scale is None and (norm.passive_sq is not None or norm.passive_sum is not None)
-           for norm in circuit.norms.values()):
-        return True
+    """Whether the circuit's own numbers may make its logits non-finite: a non-finite or huge number, or
+    a non-positive eps. (A live norm whose per-token tables would make its variance negative stays
+    finite: compile clamps the variance at 0.)"""
     values = [w for w in circuit.edges.values()]
     for data in circuit.nodes.values():
         values += [data.bias, data.value, data.gain, data.shift]

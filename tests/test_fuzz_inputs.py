@@ -360,3 +360,27 @@ def test_a_huge_token_count_for_the_means_is_refused(monkeypatch, tmp_path, load
                                         r"got 99999999999999999999$"):
         pretrain_means(loaded_tiny, 99999999999999999999, seed=0)
     assert not (tmp_path / "means").exists()
+
+
+# ---------------------------------------------------------------- pipeline text
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("trace, mean-ablate, prune{lr=nan}, lower", "pipeline: prune{lr=nan}: expected a finite number"),
+    ("trace, mean-ablate, prune{target=inf}, lower", "pipeline: prune{target=inf}: expected a finite number"),
+    ("trace, mean-ablate, prune{prompts=99999999999999999999}, lower",
+     "pipeline: prune{prompts=99999999999999999999...}: a whole number of at most 9 digits"),
+    ("trace, mean-ablate, prune{prompts=1000000}, lower", "pipeline: prune{prompts} must be from 2 to 100,000, "
+                                                          "got 1000000"),
+    ("trace, mean-ablate, prune{select=1}, lower", "pipeline: prune{select} must be from 2 to 100,000, got 1"),
+    ("trace, mean-ablate, prune{steps=-1}, lower", "pipeline: prune{steps} must be from 0 to 1,000,000, got -1"),
+    ("trace, mean-ablate, prune{masks=100000}, lower", "pipeline: prune{masks} must be from 1 to 4096, got 100000"),
+    ("trace, mean-ablate, prune{lr=0}, lower", "pipeline: prune{lr} must be in (0, 10], got 0.0"),
+    ("trace, mean-ablate, prune{sparsity=-1}, lower", "pipeline: prune{sparsity} must be in [0, 1000], got -1.0"),
+    ("trace, mean-ablate{tokens=0}, prune, lower",
+     "pipeline: mean-ablate{tokens} must be from 1 to 1,073,741,824 (2^30), got 0"),
+])
+def test_pipeline_options_out_of_range_are_refused_before_any_work(capsys, tmp_path, pipeline, message):
+    os.chdir(tmp_path)
+    one_line_error(cli(capsys, "extract", "m.pt", "--task", "quotes", "-o", "x.cir", "--pipeline", pipeline),
+                   "extract", message)
+    assert list(tmp_path.iterdir()) == []

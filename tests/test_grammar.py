@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from circuitir.grammar import emit, format_text, parse
+from circuitir.grammar import CirSyntaxError, emit, format_text, parse
 from circuitir.grammar import values as V
 from circuitir.ir.circuit import CircuitError, Node, check_circuit
 
@@ -239,3 +239,77 @@ def test_damaged_text_fails_only_with_a_located_error(data):
         assert report[0].startswith(f"fuzz.cir:{exc.line}:{exc.column}: ")
         assert report[1] == damaged.split("\n")[exc.line - 1].rstrip("\r")
         assert report[2].endswith("^") and len(report[2]) == exc.column
+
+
+# ---------------------------------------------------------------- the EDGES fast path
+
+def _records(text: str, lark) -> tuple[list, dict]:
+    """What the parser's tree becomes (statements with positions) and the comments, read with ``lark``."""
+    from circuitir.grammar import parser as P
+
+    saved = P._LARK
+    P._LARK = lark
+    try:
+        builder = P.Builder(text, "<test>")
+        P._local.comments = tokens = []
+        P._local.builder, P._local.depth = builder, 0
+        records = P.ToStatements(builder.fail).transform(lark.parse(text))
+        circuit = builder.build(records)
+        comments = P._attach_comments(tokens, builder.anchors, text.split("\n"))
+    finally:
+        P._LARK = saved
+        P._local.comments = P._local.builder = None
+    return records, comments, circuit
+
+
+def _lark_without_edges_token():
+    """The grammar with the EDGES terminal taken out: every edge line read token by token."""
+    from lark import Lark
+
+    from circuitir.grammar import parser as P
+
+    grammar = P.GRAMMAR_PATH.read_text()
+    grammar = grammar.replace("_edge: edge | edges\n", "_edge: edge\n").replace("edges: EDGES\n", "")
+    grammar = "\n".join(line for line in grammar.split("\n") if not line.startswith("EDGES.2:"))
+    assert "EDGES" not in grammar
+    options = P._lark().options
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False,
+                lexer_callbacks=options.lexer_callbacks)
+
+
+def _commented(text: str, draw_comment) -> str:
+    """``text`` with comments after some edge lines, on their own lines among them, and blank lines."""
+    out = []
+    for line in text.split("\n"):
+        if line.lstrip().startswith("<-"):
+            kind = draw_comment()
+            line = {0: line, 1: line + "  # trailing", 2: line + "\n    # own line", 3: line + "\n\n",
+                    4: line + "\t#t"}[kind]
+        out.append(line)
+    return "\n".join(out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(circuit=circuits(), data=st.data())
+def test_edges_token_reads_what_the_edge_rule_reads(circuit, data):
+    """Edge lines read as one EDGES token give the same statements (positions included), the same
+    comments and the same circuit as the same lines read token by token."""
+    text = _commented(emit(circuit), lambda: data.draw(st.integers(0, 4)))
+    from circuitir.grammar.parser import _lark
+
+    fast_records, fast_comments, fast = _records(text, _lark())
+    slow_records, slow_comments, slow = _records(text, _lark_without_edges_token())
+    assert fast_records == slow_records
+    assert fast_comments == slow_comments
+    assert emit(fast) == emit(slow)
+
+
+def test_a_bad_edge_after_good_ones_is_located():
+    """A run of good edge lines ends at the first bad one, which the edge rule reads and locates."""
+    lines = (Path(__file__).parent.parent / "examples" / "bracket_toy.cir").read_text().split("\n")
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("<-"))
+    bad = lines[at].split("#")[0].rstrip().rsplit(" ", 1)[0] + " 1.5x"
+    lines.insert(at + 1, bad)
+    with pytest.raises(CirSyntaxError) as info:
+        parse("\n".join(lines), "f.cir")
+    assert str(info.value).startswith(f"f.cir:{at + 2}:{len(bad)}: unexpected `x`")

@@ -35,7 +35,8 @@ ATTR_ORDER = ("bias", "value", "gain", "shift")
 
 def emit(circuit: Circuit, comments: dict | None = None) -> str:
     """The canonical .cir text of ``circuit`` (and ``comments``, keyed as the parser attaches them)."""
-    return Emitter(circuit, comments or {}).text()
+    with V.gc_paused():
+        return Emitter(circuit, comments or {}).text()
 
 
 class Emitter:

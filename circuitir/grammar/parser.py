@@ -51,6 +51,7 @@ TERMINAL_WORDS = {
     "_NL": "end of line",
     "$END": "end of file",
     "NODE": "a node such as 0.attn.q[3]",
+    "EDGES": "`<-`",  # well-formed edge lines; where they may stand, so may `<-`
     "NUMBER": "a number",
     "INT": "a whole number",
     "STRING": 'a "string"',
@@ -132,11 +133,19 @@ class Attr:
     number: Token
 
 
-@dataclass
 class Edge:
-    pos: Pos
-    source: Token
-    weight: Token
+    """``<- source weight`` on one line (plain fields: a large file has hundreds of thousands)."""
+    __slots__ = ("source", "line", "column", "weight", "weight_column")
+
+    def __init__(self, source: str, line: int, column: int, weight: str, weight_column: int):
+        self.source, self.line, self.column, self.weight, self.weight_column = (source, line, column, weight,
+                                                                                weight_column)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Edge) and all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"Edge({', '.join(repr(getattr(self, f)) for f in self.__slots__)})"
 
 
 @dataclass
@@ -304,7 +313,7 @@ class ToStatements(Transformer):
         return HeadStmt(Pos(meta.line, meta.column), index, attrs)
 
     def node(self, meta, children):
-        node, *rest = children
+        node, *rest = _flat(children)
         labels = [c for c in rest if isinstance(c, LabelStmt)]
         return NodeStmt(node, [c for c in rest if isinstance(c, Attr)], [c for c in rest if isinstance(c, Edge)],
                         label=labels[0] if labels else None)
@@ -318,13 +327,33 @@ class ToStatements(Transformer):
         return LabelStmt(Pos(meta.line, meta.column), words, "auto" if source else "hand")
 
     def const(self, meta, children):
-        node, value, *rest = children
+        node, value, *rest = _flat(children)
         return NodeStmt(node, [c for c in rest if isinstance(c, Attr)], [c for c in rest if isinstance(c, Edge)],
                         const_value=value)
 
     def edge(self, meta, children):
         source, weight = children
-        return Edge(Pos.of(source), source, weight)
+        return Edge(str(source), source.line, source.column, str(weight), weight.column)
+
+    def edges(self, meta, children):
+        """An EDGES token (a run of well-formed edge lines): its edges, their parts located, read with
+        one regex."""
+        token = children[0]
+        out = []
+        line, scanned = token.line, 0
+        for match in EDGE_LINE_RE.finditer(token):
+            start = match.start()
+            line += token.count("\n", scanned, start)
+            scanned = start
+            newline = token.rfind("\n", 0, start)
+            line_start = newline + 1 if newline >= 0 else 1 - token.column  # offset of the line's column 1
+            weight = match["weight"]
+            if len(weight) > S.MAX_NUMBER_CHARS:
+                self.fail(Pos(line, match.start("weight") - line_start + 1),
+                          f"a number of {len(weight)} characters; circuitir's limit is {S.MAX_NUMBER_CHARS}")
+            out.append(Edge(match["node"], line, match.start("node") - line_start + 1, weight,
+                            match.start("weight") - line_start + 1))
+        return out
 
     def bigram(self, meta, children):
         node, table = children
@@ -375,10 +404,17 @@ class ToStatements(Transformer):
 
 # ---------------------------------------------------------------- lark
 
+# Inside an EDGES token (it matched, so every line is a well-formed edge).
+EDGE_LINE_RE = re.compile(r"<-[ \t]*(?P<node>[^ \t]+?\])[ \t]*(?P<weight>[^\s#]+)")
 # Inside a SPARSE token: comments (skipped) and `index: value` entries (the token matched, so they are well formed).
 SPARSE_PART_RE = re.compile(r"(?P<comment>#[^\n]*)|(?P<index>[0-9]+)[ \t]*:[ \t]*(?P<value>[^\s,}#]+)")
 
 _local = threading.local()
+
+
+def _flat(children: list) -> list:
+    """A statement's children with the edge lists of EDGES tokens spliced in."""
+    return [c for child in children for c in (child if isinstance(child, list) else (child,))]
 
 
 def _collect_comment(token: Token) -> Token:
@@ -390,8 +426,8 @@ def _collect_comment(token: Token) -> Token:
     return token
 
 
-def _sparse_comments(token: Token) -> Token:
-    """The comments inside a SPARSE token, as COMMENT tokens (the formatter keeps them)."""
+def _inner_comments(token: Token) -> Token:
+    """The comments inside a SPARSE or EDGES token, as COMMENT tokens (the formatter keeps them)."""
     sink = getattr(_local, "comments", None)
     if sink is not None and "#" in token:
         for match in re.finditer(r"#[^\n]*", token):
@@ -436,7 +472,8 @@ def _lark() -> Lark:
                      maybe_placeholders=False,
                      lexer_callbacks={"COMMENT": _collect_comment, "_NL": _collect_comment, "INT": _too_long,
                                       "NUMBER": _too_long, "KEY_EQ": _too_long, "LSQB": _open_list,
-                                      "RSQB": _close_list, "SPARSE": _sparse_comments})
+                                      "RSQB": _close_list, "SPARSE": _inner_comments,
+                                      "EDGES": _inner_comments})
     return _LARK
 
 
@@ -546,6 +583,7 @@ class Builder:
         candidates_record = next(r for r in records if isinstance(r, Candidates))
         candidates = self.candidates(candidates_record, config)
         self.specs = {s.name: s for s in site_specs(config, len(candidates))}
+        self.checked_nodes: dict[str, Node] = {}
         circuit = Circuit(config=config, candidates=candidates, header=header)
         for record in records:
             if isinstance(record, Embed):
@@ -737,23 +775,28 @@ class Builder:
         circuit.heads[layer, index] = self.f32(attrs["sink"]) if "sink" in attrs else None
         return index
 
-    def site_node(self, token: Token) -> Node:
-        """The node a token names, checked against the model's sites and widths."""
-        node = parse_node(str(token))
+    def site_node(self, text: str, line: int, column: int) -> Node:
+        """The node ``text`` (at line, column) names, checked against the model's sites and widths (a name
+        checked once is remembered: a large file names the same few nodes many times)."""
+        node = self.checked_nodes.get(text)
+        if node is not None:
+            return node
+        node = parse_node(text)
         spec = self.specs.get(node.site)
         if spec is None:
-            self.fail(Pos.of(token), f"unknown site {node.site} (the sites are L.attn.act_in, L.attn.q, "
+            self.fail(Pos(line, column), f"unknown site {node.site} (the sites are L.attn.act_in, L.attn.q, "
                                      f"L.attn.k, L.attn.v, L.attn.resid_delta, L.mlp.act_in, L.mlp.post_act, "
                                      f"L.mlp.resid_delta for L < n_layer, final_resid and logits)")
         if node.index >= spec.width:
-            self.fail(Pos(token.line, token.column + len(node.site) + 1),
+            self.fail(Pos(line, column + len(node.site) + 1),
                       f"node {node} does not fit: {node.site} has {spec.width} channels "
                       f"(indices 0 to {spec.width - 1})")
+        self.checked_nodes[text] = node
         return node
 
     def node(self, statement: NodeStmt, block: Block, circuit: Circuit, head, declared_heads) -> None:
         token = statement.node
-        node = self.site_node(token)
+        node = self.site_node(str(token), token.line, token.column)
         self.anchor(token.line, token.line, ("node", node))
         spec = self.specs[node.site]
         place = "final" if spec.sublayer == "final" else f"layer {spec.layer} {spec.sublayer}"
@@ -788,18 +831,22 @@ class Builder:
             self.anchor(statement.label.pos.line, statement.label.pos.line, ("label", node))
             circuit.labels[node] = Label(statement.label.text, statement.label.source)
         for edge in statement.edges:
-            source = self.site_node(edge.source)
-            self.anchor(edge.pos.line, edge.pos.line, ("edge", source, node))
+            source = self.site_node(edge.source, edge.line, edge.column)
+            self.anchor(edge.line, edge.line, ("edge", source, node))
+            pos = Pos(edge.line, edge.column)
             if (source, node) in circuit.edges:
-                self.fail(edge.pos, f"duplicate edge {source} -> {node} (first at line "
-                                    f"{self.edge_pos[source, node].line})")
-            self.edge_pos[source, node] = edge.pos
-            circuit.edges[source, node] = self.f32(edge.weight)
+                self.fail(pos, f"duplicate edge {source} -> {node} (first at line "
+                               f"{self.edge_pos[source, node].line})")
+            self.edge_pos[source, node] = pos
+            try:
+                circuit.edges[source, node] = V.parse_f32(edge.weight)
+            except V.ValueSpellingError as exc:
+                self.fail(Pos(edge.line, edge.weight_column), str(exc))
 
     def bigram(self, statement: BigramStmt, block: Block, circuit: Circuit) -> None:
         if block.layer is not None:
             self.fail(statement.pos, f"the bigram table stands in the `final` block, not in `{block.title}`")
-        node = self.site_node(statement.node)
+        node = self.site_node(str(statement.node), statement.node.line, statement.node.column)
         if node.site != "logits":
             self.fail(Pos.of(statement.node), f"a bigram column feeds an output logits[k], not {node}")
         self.anchor(statement.pos.line, statement.table.end_line, ("bigram", node.index))
@@ -985,6 +1032,13 @@ def _syntax_error(exc: UnexpectedInput, text: str, filename: str, lines: list[st
 
 
 def parse_with_comments(text: str, filename: str = "<string>", runnable: bool = True) -> tuple[Circuit, dict]:
+    """Parse .cir text into a checked Circuit, and the comments by the statement they belong to (see
+    ``_parse_with_comments``), with the cyclic garbage collector paused (``values.gc_paused``)."""
+    with V.gc_paused():
+        return _parse_with_comments(text, filename, runnable)
+
+
+def _parse_with_comments(text: str, filename: str = "<string>", runnable: bool = True) -> tuple[Circuit, dict]:
     """Parse .cir text into a checked Circuit, and the comments by the statement they belong to.
 
     With ``runnable`` (the default) the circuit is also checked for everything compile and run need

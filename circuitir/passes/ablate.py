@@ -40,14 +40,20 @@ def corpus_windows(corpus_tokens: torch.Tensor, block_size: int, n_tokens: int, 
     return torch.stack([corpus_tokens[s:s + block_size].long() for s in starts])
 
 
+def check_token_count(tokens: int, context: str = "") -> None:
+    from circuitir.grammar.schema import MAX_ABLATION_TOKENS
+
+    if not 0 < tokens <= MAX_ABLATION_TOKENS:
+        raise UserError(f"{context}mean-ablate{{tokens}} must be from 1 to {MAX_ABLATION_TOKENS:,} (2^30), "
+                        f"got {tokens}")
+
+
 def pretrain_means(loaded, tokens: int, seed: int, graph_ir=None) -> tuple[dict, dict]:
     """Per-site means over ``tokens`` corpus tokens, from the cache when possible."""
     from circuitir.data.corpus import load_corpus
-    from circuitir.grammar.schema import MAX_ABLATION_TOKENS
     from circuitir.models.checkpoint import atomic_path
 
-    if not 0 < tokens <= MAX_ABLATION_TOKENS:
-        raise UserError(f"mean-ablate{{tokens}} must be from 1 to {MAX_ABLATION_TOKENS:,} (2^30), got {tokens}")
+    check_token_count(tokens)
 
     corpus_info = loaded.meta.get("corpus", {})
     corpus = load_corpus(corpus_info.get("root") if corpus_info.get("root") and
@@ -114,8 +120,7 @@ class MeanOptions:
     def validate(self):
         if self.over not in ("pretrain", "task"):
             raise UserError(f"pipeline: mean-ablate{{over={self.over}}}: over is pretrain or task")
-        if self.tokens < 1:
-            raise UserError("pipeline: mean-ablate{tokens} must be positive")
+        check_token_count(self.tokens, "pipeline: ")
 
 
 @register("mean-ablate", MeanOptions, needs=("graph",), provides=("ablation",),

@@ -15,6 +15,7 @@ provides; a pipeline whose passes are out of order is refused up front.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,7 +93,14 @@ def _convert(pass_name: str, option: dataclasses.Field, raw: str):
             if raw.lower() not in ("true", "false"):
                 raise ValueError
             return raw.lower() == "true"
-        return kind(raw)
+        if kind is int and len(raw.strip().lstrip("+-")) > 9:  # int() of a 5,000-digit number is slow
+            raise UserError(f"pipeline: {pass_name}{{{option.name.replace('_', '-')}={raw[:20]}...}}: a whole "
+                            "number of at most 9 digits")
+        value = kind(raw)
+        if kind is float and not math.isfinite(value):
+            raise UserError(f"pipeline: {pass_name}{{{option.name.replace('_', '-')}={raw}}}: expected a finite "
+                            "number")
+        return value
     except ValueError:
         raise UserError(f"pipeline: {pass_name}{{{option.name.replace('_', '-')}={raw}}}: expected "
                         f"{kind.__name__}") from None

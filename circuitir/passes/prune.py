@@ -64,14 +64,27 @@ class PruneOptions:
     calibrate: bool = False    # fit a logit scale inside the search (see module docstring)
 
     def validate(self):
-        if not 0 < self.target:
-            raise UserError("pipeline: prune{target} must be positive")
-        if self.steps < 0 or self.prompts < 2 or self.select < 2 or self.batch < 1:
-            raise UserError("pipeline: prune{steps, prompts, select, batch} must be positive")
-        if self.masks < 1:
-            raise UserError("pipeline: prune{masks} must be at least 1")
-        if self.margin < 0:
-            raise UserError("pipeline: prune{margin} must be at least 0")
+        if not 0 < self.target <= 100:
+            raise UserError(f"pipeline: prune{{target}} must be in (0, 100], got {self.target}")
+        if not 0 <= self.steps <= 1_000_000:
+            raise UserError(f"pipeline: prune{{steps}} must be from 0 to 1,000,000, got {self.steps}")
+        for name in ("prompts", "select"):
+            if not 2 <= getattr(self, name) <= MAX_PROMPTS:
+                raise UserError(f"pipeline: prune{{{name}}} must be from 2 to {MAX_PROMPTS:,}, got "
+                                f"{getattr(self, name)}")
+        if not 1 <= self.batch <= MAX_PROMPTS:
+            raise UserError(f"pipeline: prune{{batch}} must be from 1 to {MAX_PROMPTS:,}, got {self.batch}")
+        if not 1 <= self.masks <= 4096:
+            raise UserError(f"pipeline: prune{{masks}} must be from 1 to 4096, got {self.masks}")
+        if not 0 < self.lr <= 10:
+            raise UserError(f"pipeline: prune{{lr}} must be in (0, 10], got {self.lr}")
+        if not 0 <= self.sparsity <= 1000:
+            raise UserError(f"pipeline: prune{{sparsity}} must be in [0, 1000], got {self.sparsity}")
+        if not 0 <= self.margin <= 100:
+            raise UserError(f"pipeline: prune{{margin}} must be in [0, 100], got {self.margin}")
+
+
+MAX_PROMPTS = 100_000  # prune{prompts, select, batch}: beyond this, generating the prompts alone takes minutes
 
 
 class MaskedTask:

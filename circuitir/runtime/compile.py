@@ -207,11 +207,13 @@ class CircuitModule(nn.Module):
         sq = self.buf(prefix, "psq")[tokens] + resid.pow(2).sum(-1)
         if entry["rms"]:
             centred_mean = None
-            scale = torch.rsqrt(sq / width + entry["eps"])
+            scale = torch.rsqrt((sq / width).clamp_min(0) + entry["eps"])
         else:
             mean = (self.buf(prefix, "psum")[tokens] + resid.sum(-1)) / width
             centred_mean = mean
-            scale = torch.rsqrt(sq / width - mean * mean + entry["eps"])
+            # E[x^2] - E[x]^2 is a variance, never negative, but rounding (or a file's tables that no
+            # model could have written) can make it so: clamped, the norm stays finite.
+            scale = torch.rsqrt((sq / width - mean * mean).clamp_min(0) + entry["eps"])
         if entry["frozen"] is not None:
             scale = torch.full_like(sq, entry["frozen"])
         reads = take(resid, self.buf(prefix, "read_pos"))
