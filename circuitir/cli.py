@@ -260,11 +260,6 @@ def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> li
     return [get_task(name)]
 
 
-def circuit_task_name(circuit) -> str | None:
-    task = circuit.header.get("task")
-    return task.get("name") if isinstance(task, dict) else None
-
-
 def check_task_tokens(tasks, tokenizer) -> None:
     """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
     for task in tasks:
@@ -378,7 +373,7 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     tasks = resolve_tasks(args, required=False)
-    recorded = circuit_task_name(circuit)
+    recorded = circuit.provenance.task
     if tasks and tasks[0].name != recorded:
         raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
                         f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
@@ -387,7 +382,7 @@ def cmd_check(args) -> int:
                    control=not args.no_control, progress=show_progress(args), nonsense=args.nonsense)
     if args.prompts:  # reported beside the claims; it does not change whether they hold
         from circuitir.tasks.user_prompts import prompt_agreement
-        target = circuit.header.get("metrics", {}).get("target_loss")
+        target = circuit.claims.target_loss
         result["prompts"] = prompt_agreement(circuit, loaded, args.prompts, target)
     if args.json:
         print_json(result)
@@ -598,7 +593,7 @@ def cmd_export(args) -> int:
         tasks = resolve_tasks(args, required=False)
         loaded = load(args.model, args)
         tokenizer = loaded.tokenizer
-        recorded = circuit_task_name(circuit)
+        recorded = circuit.provenance.task
         from circuitir.tasks import get_task
         task = tasks[0] if tasks else get_task(recorded) if recorded else None
         if task is None:

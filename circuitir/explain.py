@@ -68,13 +68,6 @@ def token_text(tokenizer, token: int) -> str:
     return display_text(text)
 
 
-def task_name(circuit: Circuit) -> str | None:
-    task = circuit.header.get("task")
-    if isinstance(task, dict):
-        task = task.get("name")
-    return task if isinstance(task, str) else None
-
-
 # ---------------------------------------------------------------- measuring
 
 def record_activations(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,7 +146,7 @@ def explain(circuit: Circuit, loaded, task=None, n_windows: int = 256, window: i
             circuit.config.get("n_layer") != loaded.config.n_layer:
         raise UserError("the circuit's config does not match the model's (d_model / n_layer differ): "
                         "explain a circuit with the model it was extracted from")
-    name = task if task is not None else task_name(circuit)
+    name = task if task is not None else circuit.provenance.task
     task_obj = get_task(name) if name else None
     specs = {s.name: s for s in site_specs(circuit.config, len(circuit.candidates))}
     candidates = [token_text(tokenizer, t) for t in circuit.candidates]

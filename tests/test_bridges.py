@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +334,24 @@ def test_bridge_train_cli_joint_mode(capsys, tmp_path, make_model, tiny_corpus):
     raw = torch.load(out, weights_only=True)
     assert raw["bridge_recipe"]["joint"] and raw["bridge_config"]["d_sparse"] == 16 and raw["sparse_path"] is None
     assert load_model(out).config.d_model == 16
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_bridge_train_interrupted_leaves_no_partial_file(tmp_path, pair, sig, code, word):
+    """SIGTERM or SIGINT during `bridge train`: one line, the signal's exit code, no .part file; a checkpoint
+    that exists was written whole before the signal."""
+    dense, sparse = pair
+    out = tmp_path / "b.pt"
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "bridge", "train", "--dense", str(dense),
+                             "--sparse", str(sparse), "--steps", "1000000", "--batch-size", "2", "-o", str(out),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    time.sleep(10)  # imports done, training under way
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    assert err.decode() == f"circuitir bridge: {word}\n"
+    assert [p.name for p in tmp_path.iterdir() if ".part" in p.name or p.name.startswith(".")] == []
+    if out.exists():  # a periodic checkpoint
+        assert torch.load(out, weights_only=True)["bridge_recipe"]["steps"] == 1000000

@@ -94,7 +94,7 @@ def test_the_circuit_is_small_and_meets_the_target_on_the_selection_prompts(extr
     # Recomputed here: the model with every channel outside the circuit mean-ablated, on the
     # selection prompts the search used.
     batch = selection_batch(setup)
-    means = declared_means(loaded, circuit.header)
+    means = declared_means(loaded, circuit.provenance)
     with torch.no_grad():
         masked = candidate_logits(ablate(loaded.model, circuit_mask(circuit, loaded.model),
                                          fills_for(loaded.model, "mean", means))(batch.tokens), batch)

@@ -299,7 +299,7 @@ def test_edges_token_reads_what_the_edge_rule_reads(circuit, data):
 
     fast_records, fast_comments, fast = _records(text, _lark())
     slow_records, slow_comments, slow = _records(text, _lark_without_edges_token())
-    assert fast_records == slow_records
+    assert repr(fast_records) == repr(slow_records)  # repr: a header may hold nan, which is not == itself
     assert fast_comments == slow_comments
     assert emit(fast) == emit(slow)
 

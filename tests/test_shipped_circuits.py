@@ -34,7 +34,7 @@ def loaded():
 def shipped(request, loaded):
     circuit = parse((ROOT / "examples" / request.param).read_text())
     checker = Checker(circuit, loaded, n=circuit.header["metrics"]["heldout_prompts"],
-                      means=declared_means(loaded, circuit.header))
+                      means=declared_means(loaded, circuit.provenance))
     return request.param, circuit, checker
 
 

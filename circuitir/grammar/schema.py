@@ -163,6 +163,7 @@ def check_header(header: dict, fail) -> None:
     field(("calibration", "scale"), is_finite_number, "a finite number")
     field(("calibration", "shift"), is_finite_number, "a finite number")
     field(("metrics", "target_loss"), lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")
+    field(("metrics", "loss"), lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")
     field(("metrics", "selection_goal"), lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")
     field(("pipeline",), lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
           "a string or a list of strings")

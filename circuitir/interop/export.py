@@ -114,9 +114,7 @@ def graph_json(circuit, tokenizer=None, stats: dict | None = None) -> dict:
     specs = {s.name: s for s in site_specs(circuit.config, len(circuit.candidates))}
     labels = getattr(circuit, "labels", None) or {}
     d_head = circuit.config["d_head"]
-    header = circuit.header
-    task = header.get("task", {}) if isinstance(header.get("task"), dict) else {}
-    source = header.get("source", {}) if isinstance(header.get("source"), dict) else {}
+    provenance = circuit.provenance
 
     def token_text(token: int):
         if tokenizer is None:
@@ -149,15 +147,15 @@ def graph_json(circuit, tokenizer=None, stats: dict | None = None) -> dict:
     for src, dst, data in circuit.graph().edges(data=True):
         if data["kind"] == "residual":
             links.append({"source": str(src), "target": str(dst), "weight": 1.0, "kind": "residual"})
-    sha = str(source.get("sha256", ""))
+    sha = provenance.model_sha256 or ""
     metadata = {
         "schema": GRAPH_SCHEMA, "schema_version": GRAPH_SCHEMA_VERSION,
-        "slug": f"{task.get('name', 'circuit')}-{sha[:12]}".replace(":", "-").replace("@", "-"),
-        "scan": source.get("file"), "prompt_tokens": [], "prompt": "",
-        "task": task.get("name"), "ablation": _plain(header.get("ablation")), "norm": header.get("norm"),
-        "source_sha256": source.get("sha256"), "node_count": circuit.n_nodes, "edge_count": circuit.n_edges,
+        "slug": f"{provenance.task or 'circuit'}-{sha[:12]}".replace(":", "-").replace("@", "-"),
+        "scan": provenance.model_file, "prompt_tokens": [], "prompt": "",
+        "task": provenance.task, "ablation": _plain(circuit.header.get("ablation")), "norm": circuit.norm_mode,
+        "source_sha256": provenance.model_sha256, "node_count": circuit.n_nodes, "edge_count": circuit.n_edges,
         "candidates": [{"token_id": int(t), "token": token_text(t)} for t in circuit.candidates],
-        "config": _plain(circuit.config), "header": _plain(header),
+        "config": _plain(circuit.config), "header": _plain(circuit.header),
     }
     return {"metadata": metadata, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both",
                                               "clickedId": "", "sparsityThreshold": None},

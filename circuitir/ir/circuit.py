@@ -20,7 +20,9 @@ ablated (replaced by a constant). Its parts:
   ``heads``: the attention heads the circuit computes, with their sink logit;
   ``bigram``: the bigram-table columns of the candidates, when the model has one.
 * ``header``: where it came from and what it claims (source model hash and
-  config, task, ablation, norm mode, pipeline, metrics, logit calibration).
+  config, task, ablation, norm mode, pipeline, metrics, logit calibration),
+  kept as written; code reads it through the typed views :attr:`provenance`,
+  :attr:`calibration`, :attr:`claims` and :attr:`norm_mode`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import NamedTuple
 import networkx as nx
 import torch
 
+from circuitir.ir.provenance import Calibration, Claims, Provenance
 from circuitir.ir.topology import SITES, site_name, width_of
 
 LANGUAGE_VERSION = 1
@@ -165,6 +168,21 @@ class Circuit:
         if final is not None:
             return "frozen" if final.frozen_scale is not None else "live"
         return "frozen" if self.header.get("norm") == "frozen" else "live"
+
+    @property
+    def provenance(self) -> Provenance:
+        """Source model, task, ablation, pipeline and seed, typed (``ir/provenance.py``)."""
+        return Provenance.of(self.header)
+
+    @property
+    def calibration(self) -> Calibration:
+        """The logit calibration compile applies, typed (identity unless the header gives one)."""
+        return Calibration.of(self.header)
+
+    @property
+    def claims(self) -> Claims:
+        """Target loss, selection goal and loss as extraction recorded them, typed."""
+        return Claims.of(self.header)
 
     @property
     def n_nodes(self) -> int:

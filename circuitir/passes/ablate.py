@@ -96,16 +96,17 @@ def task_means(loaded, task, tokens: int, seed: int, graph_ir=None) -> tuple[dic
     return means, {"over": "task", "tokens": int(valid.sum())}
 
 
-def declared_means(loaded, header: dict) -> dict:
-    """The means a circuit's header declares (pretraining corpus unless ``over = "task"``)."""
+def declared_means(loaded, provenance) -> dict:
+    """The means a circuit's provenance (``Circuit.provenance``) declares: over the pretraining corpus
+    unless ``over = "task"``."""
     from circuitir.tasks import get_task
-    ablation = header.get("ablation", {})
-    tokens, seed = int(ablation.get("tokens", 65536)), int(header.get("seed", 0))
-    if ablation.get("kind") == "mean" and ablation.get("over") == "task":
-        return task_means(loaded, get_task(header["task"]["name"]), tokens, seed)[0]
+    ablation = provenance.ablation
+    tokens, seed = ablation.tokens or 65536, provenance.seed
+    if ablation.kind == "mean" and ablation.over == "task":
+        return task_means(loaded, get_task(provenance.task), tokens, seed)[0]
     means, info = pretrain_means(loaded, tokens, seed)
-    declared = ablation.get("corpus_sha256")
-    if ablation.get("kind") == "mean" and declared and declared != info["corpus_sha256"]:
+    declared = ablation.corpus_sha256
+    if ablation.kind == "mean" and declared and declared != info["corpus_sha256"]:
         raise UserError(f"the circuit's means were measured over corpus {declared[:12]}..., but this machine's "
                         f"corpus is {info['corpus_sha256'][:12]}... (another Python standard library?); "
                         "check it where the corpus is the same")

@@ -48,15 +48,14 @@ def _channels(nodes) -> str:
 def show(circuit: Circuit, width: int = WIDTH) -> str:
     incoming, outgoing = in_out_edges(circuit)
     candidates = " ".join(f"`{token_name(circuit, t)}`" for t in circuit.candidates)
-    metrics = circuit.header.get("metrics", {}) if isinstance(circuit.header.get("metrics"), dict) else {}
-    source = circuit.header.get("source", {})
+    claims, model_file = circuit.claims, circuit.provenance.model_file
     head_line = title_of(circuit) + f"; candidates {candidates}"
-    if "loss" in metrics:
-        head_line += f"; loss {metrics['loss']:.4f}"
-        if "target_loss" in metrics:
-            head_line += f" (target {metrics['target_loss']})"
-    if isinstance(source, dict) and source.get("file"):
-        head_line += f"; model {source['file']}"
+    if claims.loss is not None:
+        head_line += f"; loss {claims.loss:.4f}"
+        if claims.target_loss is not None:
+            head_line += f" (target {claims.target_loss:g})"
+    if model_file:
+        head_line += f"; model {model_file}"
     lines = _fold(head_line, width, "  ")
     tables = [f"{c}:" + "".join(f" {t}" if w > 0 else f" -{t}" for t, w in embed_tokens(circuit, c))
               for c in sorted(circuit.embed)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from circuitir.explain import display_text, task_name
+from circuitir.explain import display_text
 from circuitir.ir.circuit import Circuit, Node, site_specs
 
 
@@ -112,4 +112,4 @@ def in_out_edges(circuit: Circuit) -> tuple[dict[Node, list], dict[Node, list]]:
 
 
 def title_of(circuit: Circuit) -> str:
-    return f"{task_name(circuit) or 'circuit'}: {circuit.n_nodes} nodes, {circuit.n_edges} edges"
+    return f"{circuit.provenance.task or 'circuit'}: {circuit.n_nodes} nodes, {circuit.n_edges} edges"

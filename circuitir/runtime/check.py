@@ -51,7 +51,7 @@ def resample_fills(graph_ir, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def check_source(circuit: Circuit, loaded) -> None:
-    recorded = circuit.header.get("source", {}).get("sha256")
+    recorded = circuit.provenance.model_sha256
     if recorded is None:
         raise UserError("the circuit's header has no source.sha256, so it cannot be checked against a model")
     if recorded != loaded.sha256:
@@ -65,18 +65,17 @@ class Checker:
         check_source(circuit, loaded)
         self.circuit, self.loaded = circuit, loaded
         self.model = loaded.model
-        task_name = circuit.header.get("task", {}).get("name")
-        if task_name is None:
+        provenance, claims = circuit.provenance, circuit.claims
+        if provenance.task is None:
             raise UserError("the circuit's header names no task (task.name)")
-        self.task = get_task(task_name)
-        self.ablation = circuit.header.get("ablation", {}).get("kind", "mean")
-        self.target = circuit.header.get("metrics", {}).get("target_loss")
+        self.task = get_task(provenance.task)
+        self.ablation = provenance.ablation.kind
+        self.target = claims.target_loss
         if self.target is None:
             raise UserError("the circuit's header has no metrics.target_loss to check against")
         # The loss extraction aimed at on its selection prompts (the target less prune's margin).
-        self.goal = circuit.header.get("metrics", {}).get("selection_goal", self.target)
-        self.scale = float(circuit.header.get("calibration", {}).get("scale", 1.0))
-        self.shift = float(circuit.header.get("calibration", {}).get("shift", 0.0))
+        self.goal = claims.selection_goal
+        self.scale, self.shift = circuit.calibration.scale, circuit.calibration.shift
         self.batch = encode_examples(self.task, self.task.examples("heldout", n, seed), loaded.tokenizer,
                                      loaded.config.block_size)
         self.mask = circuit_mask(circuit, self.model)
@@ -117,11 +116,12 @@ class Checker:
         """The prompts the extraction selected nodes on (prune's selection set), rebuilt from the header."""
         from circuitir.passes import parse_pipeline
         from circuitir.passes.prune import selection_batch
-        pipeline = self.circuit.header.get("pipeline")
+        provenance = self.circuit.provenance
+        pipeline = provenance.pipeline
         prune = next((c for c in parse_pipeline(pipeline) if c.name == "prune"), None) if pipeline else None
         if prune is None:
             return None
-        return selection_batch(self.task, self.loaded, prune.options.select, int(self.circuit.header.get("seed", 0)))
+        return selection_batch(self.task, self.loaded, prune.options.select, provenance.seed)
 
     def minimality(self, progress: bool) -> dict:
         """Per node: the loss without it, on the selection prompts (the claim extraction makes: every node
@@ -222,7 +222,7 @@ def random_control(loaded, circuit: Circuit, pipeline: str, seed: int, progress:
     import hashlib
     identity = hashlib.sha256(f"random-reinit:{loaded.sha256}:{seed}".encode()).hexdigest()
     control = LoadedModel(model, loaded.tokenizer, identity, "random-reinit", dict(loaded.meta))
-    task = get_task(circuit.header["task"]["name"])
+    task = get_task(circuit.provenance.task)
     try:
         found, _ = extract(control, task, pipeline=pipeline, seed=seed, progress=progress)
     except UserError as exc:  # the random model cannot reach the target at all
@@ -236,19 +236,19 @@ def check(circuit: Circuit, loaded, *, n: int = 256, seed: int = 0, necessity_lo
           control: bool = True, progress: bool = True, nonsense: bool = False) -> dict:
     from circuitir.passes.ablate import declared_means
     check_source(circuit, loaded)
-    means = declared_means(loaded, circuit.header)  # also the "mean" column when another ablation was declared
+    means = declared_means(loaded, circuit.provenance)  # also the "mean" column when another ablation was declared
     checker = Checker(circuit, loaded, n=n, seed=seed, means=means)
     result = {"sufficiency": checker.sufficiency(), "necessity": checker.necessity(necessity_loss),
               "minimality": checker.minimality(progress), "faithfulness": checker.faithfulness()}
     if control:
-        pipeline = circuit.header.get("pipeline")
+        pipeline = circuit.provenance.pipeline
         result["faithfulness"]["control"] = random_control(loaded, circuit, pipeline, seed, progress)
         result["faithfulness"]["passed"] = (result["faithfulness"]["passed"]
                                             and result["faithfulness"]["control"]["passed"])
     result["controls"] = checker.controls(result["minimality"], seed)
     if nonsense:
         from circuitir.runtime.controls import nonsense_task
-        result["controls"]["nonsense_task"] = nonsense_task(loaded, circuit, circuit.header.get("pipeline"), seed,
+        result["controls"]["nonsense_task"] = nonsense_task(loaded, circuit, circuit.provenance.pipeline, seed,
                                                             progress)
     result["passed"] = all(result[k]["passed"] for k in ("sufficiency", "necessity", "minimality", "faithfulness"))
     return result

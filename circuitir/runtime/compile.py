@@ -66,9 +66,8 @@ class CircuitModule(nn.Module):
         self.d_head = config["d_head"]
         self.scale = config["d_head"] ** -0.5
         self.norm_mode = circuit.norm_mode
-        calibration = circuit.header.get("calibration", {})
-        self.logit_scale = float(calibration.get("scale", 1.0))
-        self.logit_shift = float(calibration.get("shift", 0.0))
+        calibration = circuit.calibration
+        self.logit_scale, self.logit_shift = calibration.scale, calibration.shift
         specs = {s.name: s for s in site_specs(config, len(circuit.candidates))}
         self.specs = specs
 

@@ -116,7 +116,7 @@ def nonsense_task(loaded, circuit, pipeline: str | None, seed: int, progress: bo
     from circuitir.runtime.extract import extract
     from circuitir.tasks import get_task
 
-    task = NonsenseTask(get_task(circuit.header["task"]["name"]), seed)
+    task = NonsenseTask(get_task(circuit.provenance.task), seed)
     try:
         found, _ = extract(loaded, task, pipeline=pipeline, seed=seed, progress=progress)
     except UserError as exc:  # the full model cannot do nonsense, so no circuit of it can

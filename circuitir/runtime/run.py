@@ -11,7 +11,7 @@ from circuitir.runtime.compile import compile_circuit
 
 
 def circuit_tokenizer(circuit: Circuit):
-    spec = circuit.header.get("source", {}).get("tokenizer")
+    spec = circuit.provenance.tokenizer
     if spec is None and circuit.config["vocab_size"] <= 256:
         spec = {"kind": "bytes"}
     if spec is None:

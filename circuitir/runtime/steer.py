@@ -324,14 +324,17 @@ def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0)
     dense = load_model(dense_path)
     sparse, bridges = load_bridged(bridged_path, dense)
     circuit = load(circuit_path)
-    source = circuit.header.get("source", {}).get("sha256")
+    provenance = circuit.provenance
+    source = provenance.model_sha256
     if source not in (sparse.sha256, sparse.meta.get("sparse_sha256")):
         raise UserError(f"{circuit_path} was not extracted from the sparse model of {bridged_path} "
                         f"(source.sha256 {str(source)[:12]})")
-    task = get_task(circuit.header.get("task", {}).get("name"))
+    if provenance.task is None:
+        raise UserError(f"{circuit_path}'s header names no task (task.name)")
+    task = get_task(provenance.task)
     batch = encode_examples(task, task.examples("heldout", n, seed), dense.tokenizer, dense.config.block_size)
-    kind = circuit.header.get("ablation", {}).get("kind", "mean")
-    fills = fills_for(sparse.model, kind, declared_means(sparse, circuit.header) if kind == "mean" else None)
+    kind = provenance.ablation.kind
+    fills = fills_for(sparse.model, kind, declared_means(sparse, provenance) if kind == "mean" else None)
     dense_ir, sparse_ir = trace(dense.model), trace(sparse.model)
     keep = circuit_mask(circuit, sparse.model)
 
