@@ -39,7 +39,7 @@ line gives the numbers, so "predicted" can be read with its size.
 
     python benchmarks/context_dilution.py [--quick] [--json OUT] [--plot PNG]
 
-About 1 to 2 minutes on one core by default (``--quick``: 15 s); figures
+About 25 s on one core by default (``--quick``: 5 s, and no figure); figures
 measured on the shipped models are in benchmarks/README.md.
 """
 
