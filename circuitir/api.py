@@ -67,6 +67,16 @@ def extract(model, task, *, target_loss: float | None = None, pipeline: str | No
     return circuit
 
 
+def frontier(model, task, targets, *, pipeline: str | None = None, ablation: str | None = None, seed: int = 0,
+             progress: bool = False) -> dict[float, Circuit | None]:
+    """One circuit per target loss, in one run (the learned mask and the means shared): ``{target: circuit}``,
+    ``None`` where no circuit can meet the target. Each is the circuit ``extract(..., target_loss=t)`` gives."""
+    from circuitir.runtime.extract import extract_frontier
+    rows = extract_frontier(load_model(model), get_task(task), list(targets), pipeline=pipeline, ablation=ablation,
+                            seed=seed, progress=progress)
+    return {row["target"]: row.get("circuit") for row in rows}
+
+
 def check(circuit: Circuit, model, *, n: int = 256, seed: int = 0, necessity_loss: float | None = None,
           control: bool = True, nonsense: bool = False, progress: bool = False) -> dict:
     """Sufficiency, necessity, minimality and faithfulness of ``circuit`` against the model it came from,

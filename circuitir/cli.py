@@ -327,6 +327,10 @@ def cmd_extract(args) -> int:
     from circuitir.runtime.extract import build_pipeline, extract
 
     build_pipeline(args.pipeline, args.target_loss, args.ablation)  # bad pipeline text: before any work
+    if args.targets is not None:
+        return extract_targets(args)
+    if args.plot:
+        raise UserError("--plot draws a frontier: give --targets too")
     if args.task == "all":
         return extract_all(args)
     task = resolve_tasks(args)[0]
@@ -342,6 +346,87 @@ def cmd_extract(args) -> int:
         print(f"wrote {args.output}: {summary['nodes']} nodes, {summary['edges']} edges, held-out loss "
               f"{summary['loss']:.4f} (target {summary['target_loss']}) in {summary['seconds']:.0f} s")
     return 0
+
+
+def parse_targets(text: str) -> list[float]:
+    try:
+        targets = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        targets = []
+    if not targets or not all(math.isfinite(t) and 0 < t <= 100 for t in targets):
+        raise UserError(f"--targets {text!r}: expected target losses in (0, 100] separated by commas, e.g. "
+                        "0.05,0.1,0.15,0.2,0.3,0.4")
+    return targets
+
+
+def extract_targets(args) -> int:
+    """--targets: the frontier of one task into -o DIR; exit 1 if a target could not be met."""
+    from circuitir.grammar import emit
+    from circuitir.models.checkpoint import atomic_write_text
+    from circuitir.runtime.extract import extract_frontier
+
+    targets = parse_targets(args.targets)
+    if args.target_loss is not None:
+        raise UserError("give --targets or --target-loss, not both")
+    if args.task == "all":
+        raise UserError("--targets takes one task (a frontier per task: run it once per task)")
+    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
+        raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"-o {args.output}: with --targets, -o is a directory (it exists as a file)")
+    check_output_path(os.path.join(args.output, "probe.cir"), "the circuits")
+    if args.plot:
+        check_output_path(args.plot, "the plot")
+    task = resolve_tasks(args)[0]
+    loaded = load(args.model, args)
+    check_task_tokens([task], loaded.tokenizer)
+    rows = extract_frontier(loaded, task, targets, pipeline=args.pipeline, ablation=args.ablation, seed=args.seed,
+                            progress=show_progress(args))
+    table = []
+    for row in rows:
+        if "error" in row:
+            table.append({"target": row["target"], "error": row["error"]})
+            continue
+        path = os.path.join(args.output, f"{task.name}-t{row['target']:g}.cir")
+        atomic_write_text(path, emit(row["circuit"]))
+        table.append({**row["summary"], "target": row["target"], "output": path})
+    if args.plot:
+        plot_frontier(table, task.name, args.plot)
+    if args.json:
+        print_json({"task": task.name, "targets": table})
+    else:
+        print(f"{'target':>7s} {'nodes':>6s} {'edges':>6s} {'held-out loss':>13s}  file")
+        for row in table:
+            if "error" in row:
+                print(f"{row['target']:7g}  not met: {row['error']}")
+            else:
+                print(f"{row['target']:7g} {row['nodes']:6d} {row['edges']:6d} {row['loss']:13.4f}  {row['output']}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 1 if any("error" in row for row in table) else 0
+
+
+def plot_frontier(table: list[dict], task: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from circuitir.models.checkpoint import atomic_path
+
+    met = [row for row in table if "error" not in row]
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=150)
+    for key, marker in (("edges", "o"), ("nodes", "s")):
+        ax.plot([r["target"] for r in met], [r[key] for r in met], marker=marker, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("target task loss (nats)")
+    ax.set_ylabel("circuit size")
+    ax.set_title(f"{task}: circuit size against target loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format=path.rsplit(".", 1)[-1].lower())
+    plt.close(fig)
 
 
 def extract_all(args) -> int:
@@ -807,6 +892,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help=".cir file to write (with --task all: a directory)")
     p.add_argument("--jobs", type=int, default=1, help="with --task all: extractions run in parallel [1]")
     p.add_argument("--target-loss", type=float, help="task loss the circuit must reach [default: 0.15 nats]")
+    p.add_argument("--targets", metavar="T1,T2,...",
+                   help="the loss-vs-size frontier: one circuit per target loss in one run (the learned mask "
+                        "and the means are shared; each file is the one --target-loss T would write), "
+                        "written into -o DIR as TASK-tT.cir, with a table (and --plot F.png)")
+    p.add_argument("--plot", help="with --targets: draw nodes and edges against the target (.png/.pdf/.svg)")
     p.add_argument("--ablation", choices=["mean", "zero", "resample"],
                    help="what replaces channels outside the circuit [default: mean over the pretraining corpus]")
     p.add_argument("--pipeline", help="pass pipeline as text (see `circuitir passes`)")

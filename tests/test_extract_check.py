@@ -414,3 +414,40 @@ def test_extract_and_check_on_cuda_find_the_cpu_circuit(extracted, setup, tmp_pa
     code, stdout, stderr = cli("check", out, setup["model"], "--device", "cuda", "--no-control", "-n", 64, "--json")
     result = json.loads(stdout)
     assert result["faithfulness"]["max_abs_logit_diff"] <= 1e-4 and result["sufficiency"]["passed"]
+
+
+# ---------------------------------------------------------------- the frontier over targets
+
+def test_frontier_files_are_the_ones_each_target_would_write(extracted, setup, tmp_path):
+    """`extract --targets`: one run, one file per target, each byte-identical to `--target-loss T`'s; a target
+    below the full model's loss is reported and makes the exit code 1."""
+    target, higher = setup["target"], round(setup["target"] + 0.1, 2)
+    out, plot = tmp_path / "frontier", tmp_path / "frontier.png"
+    code, stdout, stderr = cli("extract", setup["model"], "--task", TASK, "-o", out, "--pipeline", setup["pipeline"],
+                               "--targets", f"{higher},0.001,{target}", "--plot", plot, "--json")
+    assert code == 1, stderr
+    rows = json.loads(stdout)["targets"]
+    assert [row["target"] for row in rows] == [0.001, target, higher]
+    assert "above the target 0.001" in rows[0]["error"]
+    assert (out / f"{TASK}-t{target:g}.cir").read_bytes() == extracted[0].read_bytes()
+    alone, _ = extract(setup["loaded"], setup["task"], pipeline=setup["pipeline"], target=higher, seed=SEED,
+                       progress=False)
+    assert (out / f"{TASK}-t{higher:g}.cir").read_text() == emit(alone)
+    assert rows[2]["nodes"] == alone.n_nodes and rows[2]["edges"] == alone.n_edges
+    assert rows[2]["nodes"] <= rows[1]["nodes"]  # a looser target keeps no more nodes (here)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "0.1,x"], "--targets '0.1,x': expected target losses in (0, 100] separated by commas"),
+    (["--targets", "0.1,-1"], "--targets '0.1,-1': expected target losses in (0, 100] separated by commas"),
+    (["--targets", "0.1", "--target-loss", "0.2"], "give --targets or --target-loss, not both"),
+    (["--plot", "p.png"], "--plot draws a frontier: give --targets too"),
+    (["--targets", "0.1", "--plot", "p.gif"], "--plot p.gif: use a .png, .pdf or .svg file name"),
+])
+def test_frontier_options_are_checked_before_any_work(tmp_path, argv, message):
+    os.chdir(tmp_path)
+    code, out, err = cli("extract", "m.pt", "--task", TASK, "-o", "out", *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"circuitir extract: error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,9 @@ class PipelineState:
     circuit: object = None      # Circuit (lower, fold-constants, dce)
     metrics: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
+    # Results a pass may reuse across runs of one pipeline that differ only in options that come later
+    # (the learned mask across prune targets: ``extract_frontier``); keyed by what they depend on.
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -347,8 +347,14 @@ def prune(state: PipelineState, options: PruneOptions) -> None:
     # that cannot reach the lower goal gets the target itself (recorded in the metrics).
     lower = options.target - options.margin
     goal = lower if 0 < lower and full <= lower else options.target
-    torch.manual_seed(state.seed)
-    logits = learn_logits(graph_ir, fills, train_batch, options, state.seed, state.progress)
+    # The learned mask does not depend on the target, margin or what follows it: a frontier over targets
+    # learns it once (the key holds everything it does depend on).
+    key = ("learn_logits", task.name, state.seed, id(fills), options.steps, options.lr, options.sparsity,
+           options.prompts, options.batch)
+    if key not in state.memo:
+        torch.manual_seed(state.seed)
+        state.memo[key] = learn_logits(graph_ir, fills, train_batch, options, state.seed, state.progress)
+    logits = state.memo[key]
     rank = {node: i for i, node in enumerate(nodes)}
     order = sorted(nodes, key=lambda n: (-float(logits[n[0]][n[1]]), rank[n]))
 

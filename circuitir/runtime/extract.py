@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -60,17 +61,59 @@ def build_pipeline(pipeline: str | None, target: float | None, ablation: str | N
 def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | None = None,
             ablation: str | None = None, seed: int = 0, progress: bool = True, heldout: int = 256) -> tuple:
     """Returns (circuit, summary dict). The circuit's header records how to reproduce it."""
-    from circuitir.runtime.evaluate import circuit_task_metrics
+    calls = build_pipeline(pipeline, target, ablation)
+    state = _start(loaded, task, seed, progress)
+    started = time.time()
+    run_pipeline(calls, state)
+    return _finish(state, calls, heldout, started)
 
+
+def extract_frontier(loaded, task: Task, targets: list[float], *, pipeline: str | None = None,
+                     ablation: str | None = None, seed: int = 0, progress: bool = True,
+                     heldout: int = 256) -> list[dict]:
+    """The loss-vs-size frontier: one circuit per target, in one run. The passes before ``prune`` (trace,
+    ablation means) run once and prune's learned mask is learned once (``PipelineState.memo``); bisection,
+    greedy minimisation and the passes after run per target. Each circuit is byte-identical to what
+    ``extract(..., target=t)`` writes, so each checks like one.
+
+    Returns, per target (ascending), ``{"target", "circuit", "summary"}``, or ``{"target", "error"}`` where
+    no circuit can meet it (a target below the full model's loss)."""
+    calls = build_pipeline(pipeline, None, ablation)
+    at = next((i for i, call in enumerate(calls) if call.name == "prune"), None)
+    if at is None:
+        raise UserError("a frontier over targets needs a pipeline with a prune pass")
+    state = _start(loaded, task, seed, progress)
+    run_pipeline(calls[:at], state)
+    rows = []
+    for target in sorted(set(float(t) for t in targets)):
+        target_calls = build_pipeline(pipeline, target, ablation)
+        started = time.time()
+        one = dataclasses.replace(state, mask=None, circuit=None, metrics=dict(state.metrics),
+                                  calibration={"scale": 1.0, "shift": 0.0})  # the memo is shared
+        try:
+            run_pipeline(target_calls[at:], one)
+        except UserError as exc:
+            rows.append({"target": target, "error": str(exc)})
+            continue
+        circuit, summary = _finish(one, target_calls, heldout, started)
+        rows.append({"target": target, "circuit": circuit, "summary": summary})
+    return rows
+
+
+def _start(loaded, task: Task, seed: int, progress: bool) -> PipelineState:
     if loaded.tokenizer is None:
         raise UserError("this model has no tokenizer circuitir can use (byte-level models only without one)")
-    calls = build_pipeline(pipeline, target, ablation)
     check_expressible(task, loaded)
-    started = time.time()
     torch.manual_seed(seed)
     candidates = task_candidates(task, loaded.tokenizer)
-    state = PipelineState(loaded=loaded, task=task, seed=seed, progress=progress, candidates=candidates)
-    run_pipeline(calls, state)
+    return PipelineState(loaded=loaded, task=task, seed=seed, progress=progress, candidates=candidates)
+
+
+def _finish(state: PipelineState, calls: list, heldout: int, started: float) -> tuple:
+    """The pipeline's circuit with its header (how to reproduce it) and held-out metrics."""
+    from circuitir.runtime.evaluate import circuit_task_metrics
+
+    loaded, task, candidates = state.loaded, state.task, state.candidates
     circuit = state.circuit
     prune_call = next((c for c in calls if c.name == "prune"), None)
     target_loss = prune_call.options.target if prune_call else None
@@ -83,7 +126,7 @@ def extract(loaded, task: Task, *, pipeline: str | None = None, target: float | 
         "ablation": {k: v for k, v in state.ablation.items() if k in ("kind", "over", "tokens", "corpus_sha256")},
         "norm": "live",
         "pipeline": pipeline_text(calls, explicit=True),
-        "seed": seed,
+        "seed": state.seed,
         "calibration": dict(state.calibration),
     }
     try:
