@@ -343,6 +343,23 @@ def test_sigterm_during_training_leaves_no_partial_file(tmp_path, tiny_corpus):
         assert load_model(out).meta["recipe"]["steps"] == 100000
 
 
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_extract_interrupted_writes_nothing(tmp_path, bracket_model, sig, code, word):
+    """`extract` writes its file only when it finishes: a signal mid-search leaves no file and no .part."""
+    model, _ = bracket_model
+    out = tmp_path / "c.cir"
+    pipeline = "trace, mean-ablate{tokens=4096}, prune{target=0.5,steps=1000000,prompts=64,select=48}, lower, dce"
+    proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "extract", str(model), "--task", "bracket_brace",
+                             "-o", str(out), "--pipeline", pipeline, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(8)  # imports done, the mask being learned
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    assert err.decode() == f"circuitir extract: {word}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_sigterm_handler_is_restored(capsys):
     before = signal.getsignal(signal.SIGTERM)
     code, out, _ = cli(capsys, "tasks", "--json")
