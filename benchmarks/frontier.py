@@ -1,0 +1,149 @@
+"""Circuit size against target loss, sparse beside dense: the paper's curve (issue 11, points 2 and 3).
+
+For each model and task, ``extract_frontier`` (``circuitir extract --targets``) gives one circuit per
+target loss in one run. The script prints, per target, each model's edges (geometric mean over the
+tasks every model meets at that target) and the ratio dense / sparse, and draws the curves.
+
+The paper compares a sparse and a dense model of *equal pretraining loss*. Give the dense models to
+compare with ``--dense`` (e.g. the final dense model and a shorter run whose validation loss matches
+the sparse model's: ``circuitir train --dense --steps N``); the script prints each model's validation
+loss from its checkpoint so the match can be read off.
+
+Circuits are kept in ``--out DIR/<model>/<task>-t<target>.cir`` and reused on a later run (an
+extraction takes minutes on one core), so the script can be stopped and resumed::
+
+    python benchmarks/frontier.py [--sparse models/sparse.pt] [--dense models/dense.pt,...]
+        [--tasks bracket_counting,...] [--targets 0.1,0.15,0.2,0.3,0.4] [--out DIR] [--plot F.png] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from circuitir.grammar import emit, parse  # noqa: E402
+from circuitir.models.checkpoint import atomic_write_text, load_model  # noqa: E402
+from circuitir.runtime.extract import extract_frontier  # noqa: E402
+from circuitir.tasks import get_task  # noqa: E402
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def frontier_sizes(model_path: str, task: str, targets: list[float], out: Path, progress: bool) -> dict:
+    """{target: {"nodes", "edges", "loss"}} for the targets the model meets, extracting only what the
+    cache lacks."""
+    folder = out / Path(model_path).stem
+    cached = {t: folder / f"{task}-t{t:g}.cir" for t in targets}
+    missing = [t for t, path in cached.items() if not path.exists() and not path.with_suffix(".unmet").exists()]
+    if missing:
+        rows = extract_frontier(load_model(model_path), get_task(task), missing, progress=progress)
+        for row in rows:
+            path = cached[row["target"]]
+            if "error" in row:
+                atomic_write_text(path.with_suffix(".unmet"), row["error"] + "\n")
+            else:
+                atomic_write_text(path, emit(row["circuit"]))
+    sizes = {}
+    for target, path in cached.items():
+        if path.exists():
+            circuit = parse(path.read_text(), str(path))
+            sizes[target] = {"nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": circuit.claims.loss}
+    return sizes
+
+
+def validation_loss(model_path: str) -> float | None:
+    meta = load_model(model_path).meta
+    return (meta.get("metrics") or {}).get("val_loss")
+
+
+def summarise(sizes: dict, models: list[str], tasks: list[str], targets: list[float]) -> list[dict]:
+    """Per target: each model's geometric-mean edges and nodes over the tasks every model meets."""
+    rows = []
+    for target in targets:
+        shared = [task for task in tasks if all(target in sizes[m][task] for m in models)]
+        row = {"target": target, "tasks": shared}
+        for model in models:
+            if shared:
+                row[model] = {key: geometric_mean([sizes[model][task][target][key] for task in shared])
+                              for key in ("nodes", "edges")}
+        if shared:
+            sparse = models[0]
+            row["ratios"] = {m: row[m]["edges"] / row[sparse]["edges"] for m in models[1:]}
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], models: list[str], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=150)
+    for model, marker in zip(models, "osd^v"):
+        points = [(row["target"], row[model]["edges"]) for row in rows if model in row]
+        ax.plot(*zip(*points), marker=marker, label=Path(model).stem)
+    ax.set_yscale("log")
+    ax.set_xlabel("target task loss (nats)")
+    ax.set_ylabel("circuit edges (geometric mean over tasks)")
+    ax.set_title("circuit size against target loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparse", default="models/sparse.pt")
+    parser.add_argument("--dense", default="models/dense.pt", help="dense models, comma-separated")
+    parser.add_argument("--tasks", default="bracket_counting")
+    parser.add_argument("--targets", default="0.1,0.15,0.2,0.3,0.4")
+    parser.add_argument("--out", default="benchmarks/frontier", help="where circuits are kept and reused")
+    parser.add_argument("--plot", help="draw the curves here (.png)")
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = [args.sparse] + [m for m in args.dense.split(",") if m]
+    tasks = [t for t in args.tasks.split(",") if t]
+    targets = sorted(float(t) for t in args.targets.split(","))
+    out = Path(args.out)
+    sizes = {m: {task: frontier_sizes(m, task, targets, out, progress=sys.stderr.isatty()) for task in tasks}
+             for m in models}
+    for model in models:
+        loss = validation_loss(model)
+        print(f"{Path(model).stem}: validation loss {loss:.3f} nats/byte" if loss is not None else
+              f"{Path(model).stem}: validation loss not recorded")
+    rows = summarise(sizes, models, tasks, targets)
+    names = [Path(m).stem for m in models]
+    print(f"{'target':>6s} {'tasks':>5s} " + " ".join(f"{n + ' edges':>14s}" for n in names)
+          + " " + " ".join(f"{n + '/' + names[0]:>16s}" for n in names[1:]))
+    for row in rows:
+        if "ratios" not in row:
+            print(f"{row['target']:6g} {0:5d}  no task met by every model")
+            continue
+        print(f"{row['target']:6g} {len(row['tasks']):5d} " + " ".join(f"{row[m]['edges']:14.1f}" for m in models)
+              + " " + " ".join(f"{row['ratios'][m]:16.2f}" for m in models[1:]))
+    if args.plot:
+        plot(rows, models, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": {m: {t: {str(k): v for k, v in s.items()}
+                                                             for t, s in per.items()} for m, per in sizes.items()},
+                                               "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
