@@ -373,10 +373,9 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     tasks = resolve_tasks(args, required=False)
-    recorded = circuit.provenance.task
-    if tasks and tasks[0].name != recorded:
-        raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
-                        f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
+    if tasks:
+        from circuitir.tasks.task_file import as_recorded
+        as_recorded(tasks[0], circuit.provenance, args.circuit)
     loaded = load(args.model, args)
     result = check(circuit, loaded, n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args), nonsense=args.nonsense)

@@ -167,6 +167,30 @@ def test_check_refuses_another_task_file_or_none(bracket_model, bracket_file, fi
     assert code == 2 and "give that file with --task-file" in err
 
 
+def test_check_compares_the_full_sha256_the_header_records(bracket_model, bracket_file, file_circuit, tmp_path):
+    out, _ = file_circuit
+    text = out.read_text()
+    sha = hashlib.sha256(Path(bracket_file).read_bytes()).hexdigest()
+    assert f'task.sha256 = "{sha}"' in text
+    # The same bytes under another file name: the circuit's task, with the prompts extraction saw.
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_bytes(Path(bracket_file).read_bytes())
+    runs = []
+    for given in (bracket_file, renamed):
+        code, stdout, stderr = cli("check", out, bracket_model[0], "--task-file", given, "--no-control", "-n", "32",
+                                   "--json")
+        assert code in (0, 1), stderr
+        runs.append(json.loads(stdout)["sufficiency"])
+    assert runs[1]["n"] == runs[0]["n"] == 32 and runs[1]["loss"] == runs[0]["loss"]
+    # A header whose name (16 hex digits) fits the file but whose full sha256 does not: refused.
+    other = sha[:-1] + ("0" if sha[-1] != "0" else "1")
+    forged = tmp_path / "forged.cir"
+    forged.write_text(text.replace(sha, other))
+    code, out_text, err = cli("check", forged, bracket_model[0], "--task-file", bracket_file, "--no-control")
+    assert code == 2 and out_text == "" and err.count("\n") == 1
+    assert "another file, or the file changed" in err and f"sha256 {other[:12]}" in err
+
+
 def test_behavioural_diff_on_a_task_file(bracket_model, bracket_file, file_circuit):
     out, _ = file_circuit
     code, stdout, stderr = cli("diff", out, out, "--model", bracket_model[0], "--task-file", bracket_file,
