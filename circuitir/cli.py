@@ -353,7 +353,7 @@ def extract_all(args) -> int:
     options = dict(pipeline=args.pipeline, target=args.target_loss, ablation=args.ablation, seed=args.seed)
     started = time.time()
     rows = extract_many(args.model, list(TASKS), args.output, jobs=args.jobs, tokenizer_dir=args.tokenizer,
-                        loaded=loaded, **options)
+                        device=args.device, loaded=loaded, **options)
     seconds = time.time() - started
     if args.json:
         print_json({"tasks": rows, "jobs": args.jobs, "seconds": seconds})

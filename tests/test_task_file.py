@@ -208,7 +208,7 @@ def test_extract_all_tasks_in_two_jobs(bracket_model, tmp_path):
     full = metrics["tasks"]["bracket_brace"]["loss"]
     pipeline = PIPELINE % (0.25 if full < 0.1 else round(full + 0.2, 2))
     code, out, err = cli("extract", path, "--task", "all", "-o", tmp_path / "all", "--jobs", "2",
-                         "--pipeline", pipeline, "--json")
+                         "--pipeline", pipeline, "--device", "cpu", "--json")
     result = json.loads(out)
     from circuitir.tasks import TASKS
     rows = {row["task"]: row for row in result["tasks"]}
@@ -222,6 +222,42 @@ def test_extract_all_tasks_in_two_jobs(bracket_model, tmp_path):
     code, _, err = cli("extract", path, "--task", "bracket_brace", "-o", tmp_path / "alone.cir", "--pipeline", pipeline)
     assert code == 0, err
     assert (tmp_path / "all" / "bracket_brace.cir").read_text() == (tmp_path / "alone.cir").read_text()
+
+
+def test_extract_all_loads_every_job_on_the_device(bracket_model, tmp_path, monkeypatch):
+    """--device reaches each job's load (the jobs=1 path runs the job function in this process; --jobs N
+    submits the same arguments to spawned ones). The extraction itself is stubbed: only where the model
+    was loaded is measured here."""
+    import circuitir.api
+    import circuitir.runtime.extract
+    from circuitir.tasks import TASKS
+
+    real_load, seen = circuitir.api.load_model, []
+
+    def spy(path, tokenizer=None, device=None):
+        loaded = real_load(path, tokenizer=tokenizer, device=device)
+        seen.append((device, next(loaded.model.parameters()).device.type))
+        return loaded
+
+    def stub(loaded, task, **options):
+        raise UserError(f"stub: {task.name}")
+
+    monkeypatch.setattr(circuitir.api, "load_model", spy)
+    monkeypatch.setattr(circuitir.runtime.extract, "extract", stub)
+    code, out, err = cli("extract", bracket_model[0], "--task", "all", "-o", tmp_path / "all", "--jobs", "1",
+                         "--ablation", "zero", "--device", "cpu", "--json")
+    assert code == 1, err
+    rows = json.loads(out)["tasks"]
+    assert [row["error"] for row in rows] == [f"stub: {name}" for name in TASKS]
+    assert seen == [("cpu", "cpu")] * (1 + len(TASKS))  # the CLI's check, then one load per job
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_extract_all_on_cuda_without_a_gpu_is_one_line(bracket_model, tmp_path):
+    code, out, err = cli("extract", bracket_model[0], "--task", "all", "-o", tmp_path / "all", "--jobs", "2",
+                         "--device", "cuda")
+    assert code == 2 and out == "" and "torch sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "all").exists()
 
 
 def test_check_measures_the_prompts_the_user_brings(bracket_model, file_circuit, tmp_path):
