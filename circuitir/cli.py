@@ -556,6 +556,10 @@ def cmd_import_viz(args) -> int:
     else:
         theirs = summary["openai"]
         reported = (f"; OpenAI reports loss {theirs['interv_loss']:.4f}" if "interv_loss" in theirs else "")
+        if theirs.get("node_loss"):
+            node, loss = max(theirs["node_loss"].items(), key=lambda item: item[1])
+            reported += (f" and per-node ablation losses for {len(theirs['node_loss'])} nodes (header "
+                         f"openai.node_loss; highest {node} {loss:.4f})")
         print(f"wrote {args.output}: {summary['nodes']} nodes ({summary['dropped_nodes']} of the "
               f"{summary['imported_nodes']} imported have no path to the logits), {summary['edges']} edges, "
               f"held-out loss {summary['loss']:.4f} on {summary['task']}{reported}")
