@@ -1,4 +1,5 @@
-"""--task-file: the user's own contrastive prompts, wherever --task is accepted (eval, extract, check, diff)."""
+"""--task-file: the user's own contrastive prompts, wherever --task is accepted (eval, extract, check, diff,
+explain, report; steer and bridge eval in test_bridges.py)."""
 
 from __future__ import annotations
 
@@ -198,6 +199,31 @@ def test_behavioural_diff_on_a_task_file(bracket_model, bracket_file, file_circu
     assert code == 0, stderr
     behaviour = json.loads(stdout)["behavioural"]
     assert behaviour["n"] == 32 and behaviour["predictions_differ"] == 0
+
+
+def test_explain_and_report_take_a_task_file(bracket_model, bracket_file, file_circuit, tmp_path):
+    """The file holds bracket_brace's first 64 held-out prompts: explained on it, every node's class means
+    are those on the built-in task's 64 (in another order)."""
+    out, _ = file_circuit
+    runs = {}
+    for option in (("--task", "bracket_brace"), ("--task-file", bracket_file)):
+        code, stdout, err = cli("explain", out, "--model", bracket_model[0], *option, "--prompts", 64,
+                                "--windows", 8, "--json")
+        assert code == 0, err
+        runs[option[0]] = {row["node"]: row["class_means"] for row in json.loads(stdout)["nodes"]}
+    assert runs["--task"].keys() == runs["--task-file"].keys()
+    assert any(means for means in runs["--task"].values())
+    for node, means in runs["--task"].items():
+        assert runs["--task-file"][node] == pytest.approx(means, abs=2e-4), node
+    from circuitir.tasks import FILE_TASKS
+    FILE_TASKS.clear()  # a fresh process: the circuit's task is the file, which must be given
+    html = tmp_path / "r.html"
+    code, _, err = cli("report", out, "--model", bracket_model[0], "-o", html, "--no-check", "--windows", 8)
+    assert code == 2 and "give that file with --task-file" in err and err.count("\n") == 1 and not html.exists()
+    code, stdout, err = cli("report", out, "--model", bracket_model[0], "-o", html, "--task-file", bracket_file,
+                            "-n", 32, "--windows", 8, "--prompts", 16, "--quiet")
+    assert code == 0, err
+    assert html.exists() and "sufficiency" in html.read_text()
 
 
 # ---------------------------------------------------------------- many tasks at once

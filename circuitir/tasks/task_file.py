@@ -65,6 +65,24 @@ class FileTask(Task):
         random.Random(f"{self.name}:{seed}").shuffle(pool)
         return pool[:n]
 
+    def contrast_pairs(self, split: str, n: int) -> list[tuple[Example, Example]]:
+        """(example, partner) pairs for ``steer``, which a generated task makes with its generator: each
+        ``split`` line in file order, with the line of the file (any split) whose answers are its own
+        swapped and whose prompt has as many characters, the one that differs from it in the fewest
+        characters (a generated partner differs only where the answer is decided). Lines without one are
+        left out."""
+        everything = [example for _, example, _ in self.lines]
+        out = []
+        for _, example, where in self.lines:
+            if len(out) >= n:
+                break
+            partners = [p for p in everything if p.correct == example.alternative and
+                        p.alternative == example.correct and len(p.prompt) == len(example.prompt)]
+            if where == split and partners:
+                out.append((example, min(partners, key=lambda p: sum(a != b for a, b in zip(p.prompt,
+                                                                                             example.prompt)))))
+        return out
+
     def spec(self) -> dict:
         """The task's identity, for a circuit header: the file's name and full SHA-256."""
         return {"name": self.name, "file": Path(self.path).name, "sha256": self.sha256}
