@@ -82,6 +82,13 @@ def check_output_path(path: str, what: str = "output") -> None:
     os.unlink(probe)
 
 
+def check_device(args) -> None:
+    """--device names a device torch can use here (`cuda` without a GPU is one line), before any work."""
+    if getattr(args, "device", None) is not None:
+        from circuitir.models.device import resolve_device
+        resolve_device(args.device)
+
+
 def check_prompts(prompts: list[str]) -> None:
     """Prompts come from the command line; bytes that are not UTF-8 arrive as lone surrogates."""
     for i, prompt in enumerate(prompts, start=1):
@@ -889,6 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-tokens", type=int, default=65536, help="corpus tokens the means are taken over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_import_viz)
 
@@ -904,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task for the statistics [default: the circuit's]")
     add_task_file_option(p)
     p.add_argument("-n", type=int, default=128, help="held-out prompts for the statistics [128]")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_export)
 
@@ -939,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=8, help="contexts kept per node [default: 8]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print every node's explanation as JSON")
+    add_device_option(p)
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("show", help="a circuit on one screen: heads, neurons, labels, edges, embedding tokens",
@@ -966,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=256, help="corpus windows for the explanations [default: 256]")
     p.add_argument("--prompts", type=int, default=256, help="task prompts for the explanations [default: 256]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_option(p)
     p.set_defaults(run=cmd_report)
 
     add_bridge_parsers(sub)
@@ -1064,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             command = f"circuitir {args.command}"
             check_numbers(args)
+            check_device(args)
             return args.run(args)
         finally:
             # A reader that went away (`circuitir tasks | head`) shows up here, not at interpreter exit.

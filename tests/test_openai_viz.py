@@ -210,3 +210,34 @@ def test_the_whole_openai_workflow_on_a_release_directory(setup, tmp_path):
     assert diff["structural"]["nodes"]["added"] == diff["structural"]["nodes"]["removed"] == []
     assert diff["behavioural"]["n"] == 32
     assert parse(theirs.read_text(), str(theirs)).header["source"]["file"] == "final_model.pt"
+
+
+def device_commands(setup, out):
+    """Every command (besides train, eval, extract and check) that runs a model, writing to ``out``."""
+    viz = write_viz(setup["root"], viz_payload(setup["kept"], setup["config"]), "device/bracket_brace")
+    model, ours = setup["model"], setup["ours"]
+    return {
+        "import-viz": ["import-viz", viz, "--model", model, "-o", out / "c.cir", "--mean-tokens", 4096],
+        "export --model": ["export", ours, "--model", model, "--task", "bracket_brace", "-n", 16, "-o", out / "g.json"],
+        "export a model": ["export", model, "--format", "safetensors", "-o", out / "m.safetensors"],
+        "explain": ["explain", ours, "--model", model, "--windows", 8, "--prompts", 16, "-o", out / "e.cir"],
+        "report": ["report", ours, "--model", model, "-o", out / "r.html", "--no-check", "--windows", 8,
+                   "--prompts", 16],
+    }
+
+
+def test_commands_that_run_a_model_take_device(setup, tmp_path):
+    for name, argv in device_commands(setup, tmp_path).items():
+        code, _, err = cli(*argv, "--device", "cpu")
+        assert code == 0, (name, err)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["c.cir", "e.cir", "g.json", "m.safetensors", "r.html"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_one_line_before_any_work(setup, tmp_path):
+    for name, argv in device_commands(setup, tmp_path).items():
+        code, stdout, err = cli(*argv, "--device", "cuda")
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (name, err)
+        assert "torch sees no CUDA GPU" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
