@@ -1,12 +1,15 @@
-"""Extraction time with --jobs 1 and --jobs N, and a model's eval time on every available device.
+"""Extraction time with --jobs 1 and --jobs N, and extraction and eval time on every available device.
 
     python benchmarks/jobs_and_devices.py [--model models/sparse.pt] [--tasks a,b] [--jobs 2] [--quick]
 
 (a) the same tasks extracted by ``circuitir.sweep.extract_many`` with one job and
 with ``--jobs`` jobs, wall-clock each, and the speed-up; the files must be
-byte-identical. (b) ``evaluate_model`` on 512 held-out prompts on each device
-torch can use here (cpu, and cuda / mps when present), median of 3.
-Extraction itself runs where the runtime puts it (the CPU today).
+byte-identical. (b) on each device torch can use here (cpu, and cuda / mps when
+present): the first task extracted with the model on that device (what
+``circuitir extract --device D`` does: masked graphs, recordings and
+evaluations on the device, the circuit on the CPU), wall-clock and whether it
+keeps the CPU circuit's nodes; and ``evaluate_model`` on 512 held-out prompts,
+median of 3.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ QUICK_PIPELINE = ("trace, mean-ablate{tokens=4096}, prune{target=%s,steps=30,pro
 def main() -> None:
     import torch
 
+    from circuitir.api import load_model as load_on
+    from circuitir.errors import UserError
     from circuitir.models.checkpoint import load_model
+    from circuitir.runtime.extract import extract
     from circuitir.sweep import extract_many
     from circuitir.tasks import get_task
     from circuitir.tasks.evaluate import evaluate_model
@@ -58,6 +64,19 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
         (["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
     task = get_task(tasks[0])
+    cpu_nodes = None
+    for device in devices:
+        on_device = load_on(args.model, device=device)
+        started = time.time()
+        try:
+            circuit, _ = extract(on_device, task, progress=False, **options)
+        except UserError as exc:
+            print(f"extract {task.name} on {device}: not extracted: {exc}")
+            continue
+        nodes = circuit.kept_nodes()
+        cpu_nodes = nodes if cpu_nodes is None else cpu_nodes
+        print(f"extract {task.name} on {device}: {time.time() - started:.1f} s, {circuit.n_nodes} nodes"
+              + ("" if device == "cpu" else f", the CPU circuit's nodes: {nodes == cpu_nodes}"))
     for device in devices:
         loaded.model.to(device)
         runs = []

@@ -17,6 +17,7 @@ import sys
 import time
 
 from circuitir.errors import UserError
+from circuitir.tasks import check_task_tokens
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
@@ -79,6 +80,13 @@ def check_output_path(path: str, what: str = "output") -> None:
         raise UserError(f"cannot write {what} {path}: {exc.strerror} ({parent})") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_device(args) -> None:
+    """--device names a device torch can use here (`cuda` without a GPU is one line), before any work."""
+    if getattr(args, "device", None) is not None:
+        from circuitir.models.device import resolve_device
+        resolve_device(args.device)
 
 
 def check_prompts(prompts: list[str]) -> None:
@@ -260,11 +268,20 @@ def resolve_tasks(args, *, allow_all: bool = False, required: bool = True) -> li
     return [get_task(name)]
 
 
-def check_task_tokens(tasks, tokenizer) -> None:
-    """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
-    for task in tasks:
-        if hasattr(task, "check_tokenizer"):
-            task.check_tokenizer(tokenizer)
+def task_name(args, *, required: bool = True) -> str | None:
+    """The name of the --task or --task-file task (a task file is registered, so the library resolves it)."""
+    tasks = resolve_tasks(args, required=required)
+    return tasks[0].name if tasks else None
+
+
+def load_with_task(args) -> tuple:
+    """(the --model, the name of its optional --task / --task-file task, checked against its tokenizer)."""
+    tasks = resolve_tasks(args, required=False)
+    loaded = load(args.model, args)
+    check_task_tokens(tasks, loaded.tokenizer)
+    return loaded, tasks[0].name if tasks else None
+
+
 
 
 def cmd_trace(args) -> int:
@@ -438,7 +455,7 @@ def extract_all(args) -> int:
     options = dict(pipeline=args.pipeline, target=args.target_loss, ablation=args.ablation, seed=args.seed)
     started = time.time()
     rows = extract_many(args.model, list(TASKS), args.output, jobs=args.jobs, tokenizer_dir=args.tokenizer,
-                        loaded=loaded, **options)
+                        device=args.device, loaded=loaded, **options)
     seconds = time.time() - started
     if args.json:
         print_json({"tasks": rows, "jobs": args.jobs, "seconds": seconds})
@@ -458,10 +475,9 @@ def cmd_check(args) -> int:
 
     circuit = read_circuit(args.circuit)
     tasks = resolve_tasks(args, required=False)
-    recorded = circuit.provenance.task
-    if tasks and tasks[0].name != recorded:
-        raise UserError(f"{args.circuit} was extracted for task {recorded!r}, and {args.task_file} is "
-                        f"{tasks[0].name!r} (another file, or the file changed); check it on its own task file")
+    if tasks:
+        from circuitir.tasks.task_file import as_recorded
+        as_recorded(tasks[0], circuit.provenance, args.circuit)
     loaded = load(args.model, args)
     result = check(circuit, loaded, n=args.n, seed=args.seed, necessity_loss=args.necessity_loss,
                    control=not args.no_control, progress=show_progress(args), nonsense=args.nonsense)
@@ -572,8 +588,9 @@ def cmd_explain(args) -> int:
     if args.in_place and args.output:
         raise UserError("give either -i (rewrite the circuit) or -o FILE, not both")
     circuit, comments = read_circuit_with_comments(args.circuit)
-    explanations = explain(circuit, load(args.model), task=args.task, n_windows=args.windows,
-                           n_prompts=args.prompts, top=args.top, seed=args.seed)
+    loaded, task = load_with_task(args)
+    explanations = explain(circuit, loaded, task=task, n_windows=args.windows, n_prompts=args.prompts,
+                           top=args.top, seed=args.seed)
     written = annotate(circuit, explanations)
     target = args.circuit if args.in_place else args.output
     if target:
@@ -602,7 +619,7 @@ def cmd_report(args) -> int:
     from circuitir.render.report import build_report
 
     circuit = read_circuit(args.circuit)
-    loaded = load(args.model)
+    loaded, task = load_with_task(args)
     check_result = None
     if args.check_json:
         try:
@@ -616,7 +633,7 @@ def cmd_report(args) -> int:
         from circuitir.runtime.check import check
 
         check_result = check(circuit, loaded, n=args.n, control=False, progress=show_progress(args))
-    explanations = explain(circuit, loaded, task=args.task, n_windows=args.windows, n_prompts=args.prompts)
+    explanations = explain(circuit, loaded, task=task, n_windows=args.windows, n_prompts=args.prompts)
     atomic_write_text(args.output, build_report(circuit, explanations, check_result, source=args.circuit))
     print(f"wrote {args.output}")
     return 0
@@ -642,6 +659,10 @@ def cmd_import_viz(args) -> int:
     else:
         theirs = summary["openai"]
         reported = (f"; OpenAI reports loss {theirs['interv_loss']:.4f}" if "interv_loss" in theirs else "")
+        if theirs.get("node_loss"):
+            node, loss = max(theirs["node_loss"].items(), key=lambda item: item[1])
+            reported += (f" and per-node ablation losses for {len(theirs['node_loss'])} nodes (header "
+                         f"openai.node_loss; highest {node} {loss:.4f})")
         print(f"wrote {args.output}: {summary['nodes']} nodes ({summary['dropped_nodes']} of the "
               f"{summary['imported_nodes']} imported have no path to the logits), {summary['edges']} edges, "
               f"held-out loss {summary['loss']:.4f} on {summary['task']}{reported}")
@@ -731,7 +752,7 @@ def cmd_bridge_train(args) -> int:
 def cmd_bridge_eval(args) -> int:
     from circuitir.runtime.steer import bridge_eval
 
-    result = bridge_eval(args.bridged, args.dense, args.task, args.n, args.windows)
+    result = bridge_eval(args.bridged, args.dense, task_name(args, required=False), args.n, args.windows)
     if args.json:
         print_json(result)
         return 0
@@ -763,7 +784,7 @@ def cmd_steer(args) -> int:
     strengths = parse_strengths(args.strength)
     if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
         raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
-    result = steer(args.bridged, args.dense, args.task, args.node, strengths, args.circuit, args.n, args.seed)
+    result = steer(args.bridged, args.dense, task_name(args), args.node, strengths, args.circuit, args.n, args.seed)
     if args.plot:
         plot_steering(result, args.plot)
     if args.json:
@@ -965,6 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-tokens", type=int, default=65536, help="corpus tokens the means are taken over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_import_viz)
 
@@ -980,6 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task for the statistics [default: the circuit's]")
     add_task_file_option(p)
     p.add_argument("-n", type=int, default=128, help="held-out prompts for the statistics [128]")
+    add_device_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_export)
 
@@ -1006,6 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("circuit", help=".cir file")
     p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
     p.add_argument("--task", help="task name [default: the circuit header's task]")
+    add_task_file_option(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("-i", "--in-place", action="store_true", help="write the labels into the circuit (atomically)")
     where.add_argument("-o", "--output", help="write the labelled circuit here")
@@ -1014,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=8, help="contexts kept per node [default: 8]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print every node's explanation as JSON")
+    add_device_option(p)
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("show", help="a circuit on one screen: heads, neurons, labels, edges, embedding tokens",
@@ -1032,6 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the checkpoint the circuit was extracted from")
     p.add_argument("-o", "--output", required=True, help="HTML file to write")
     p.add_argument("--task", help="task name [default: the circuit header's task]")
+    add_task_file_option(p)
     checking = p.add_mutually_exclusive_group()
     checking.add_argument("--check-json", help="use this `circuitir check --json` output instead of checking again")
     checking.add_argument("--no-check", action="store_true", help="leave the check table out (checking takes "
@@ -1040,6 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=256, help="corpus windows for the explanations [default: 256]")
     p.add_argument("--prompts", type=int, default=256, help="task prompts for the explanations [default: 256]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_option(p)
     p.set_defaults(run=cmd_report)
 
     add_bridge_parsers(sub)
@@ -1087,6 +1114,7 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("bridged", help="bridged checkpoint")
     p.add_argument("--dense", required=True, help="the dense model it was bridged to")
     p.add_argument("--task", help="also report task loss on this task")
+    add_task_file_option(p)
     p.add_argument("-n", type=int, default=256, help="task prompts [default: 256]")
     p.add_argument("--windows", type=int, default=32, help="validation windows [default: 32]")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -1111,7 +1139,10 @@ def add_bridge_parsers(sub) -> None:
                                    "of the same norm.")
     p.add_argument("bridged", help="bridged checkpoint")
     p.add_argument("--dense", required=True, help="the dense model it was bridged to")
-    p.add_argument("--task", required=True, help="task with contrast pairs")
+    p.add_argument("--task", help="task with contrast pairs (or --task-file)")
+    add_task_file_option(p, "your own task instead of --task (task-file format); each held-out line is paired "
+                            "with the line whose answers are its own swapped and whose prompt has as many "
+                            "characters")
     p.add_argument("--node", help="sparse read channel: {L}.attn.act_in[c], {L}.mlp.act_in[c] or final_resid[c]")
     p.add_argument("--circuit", help="steer along all of this circuit's channels at the boundary")
     p.add_argument("--strength", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
@@ -1134,6 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             command = f"circuitir {args.command}"
             check_numbers(args)
+            check_device(args)
             return args.run(args)
         finally:
             # A reader that went away (`circuitir tasks | head`) shows up here, not at interpreter exit.

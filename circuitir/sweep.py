@@ -29,16 +29,19 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _extract_one(model_path: str, tokenizer_dir: str | None, task_name: str, output: str, options: dict) -> dict:
-    """One job: load, extract, write. Bad input comes back as a row with its reason, not as an exception."""
+def _extract_one(model_path: str, tokenizer_dir: str | None, device: str | None, task_name: str, output: str,
+                 options: dict) -> dict:
+    """One job: load (on ``device``), extract, write. Bad input comes back as a row with its reason, not as an
+    exception."""
+    from circuitir.api import load_model
     from circuitir.grammar import emit
-    from circuitir.models.checkpoint import atomic_write_text, load_model
+    from circuitir.models.checkpoint import atomic_write_text
     from circuitir.runtime.extract import extract
     from circuitir.tasks import get_task
 
     started = time.time()
     try:
-        loaded = load_model(model_path, tokenizer=tokenizer_dir)
+        loaded = load_model(model_path, tokenizer=tokenizer_dir, device=device)
         circuit, summary = extract(loaded, get_task(task_name), progress=False, **options)
         atomic_write_text(output, emit(circuit))
     except UserError as exc:
@@ -60,8 +63,9 @@ def warm_means(loaded, options: dict) -> None:
 
 
 def extract_many(model_path: str, task_names: list[str], out_dir: str | Path, *, jobs: int = 1,
-                 tokenizer_dir: str | None = None, loaded=None, **options) -> list[dict]:
-    """Extract every task into ``out_dir/<task>.cir`` with ``jobs`` processes; one row per task, in order."""
+                 tokenizer_dir: str | None = None, device: str | None = None, loaded=None, **options) -> list[dict]:
+    """Extract every task into ``out_dir/<task>.cir`` with ``jobs`` processes, each loading the model on
+    ``device`` (``--device``; several jobs share one GPU); one row per task, in order."""
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: give at least 1")
     out_dir = Path(out_dir)
@@ -72,10 +76,10 @@ def extract_many(model_path: str, task_names: list[str], out_dir: str | Path, *,
         warm_means(loaded, options)
     outputs = {name: str(out_dir / f"{name}.cir") for name in task_names}
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    model = (model_path, tokenizer_dir, device)
     if jobs == 1:
-        return [_extract_one(model_path, tokenizer_dir, name, outputs[name], options) for name in task_names]
+        return [_extract_one(*model, name, outputs[name], options) for name in task_names]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        futures = [pool.submit(_extract_one, model_path, tokenizer_dir, name, outputs[name], options)
-                   for name in task_names]
+        futures = [pool.submit(_extract_one, *model, name, outputs[name], options) for name in task_names]
         return [future.result() for future in futures]

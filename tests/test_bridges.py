@@ -260,6 +260,57 @@ def test_steer_cli(capsys, bridged, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def write_task_lines(path, rows) -> None:
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.correct, "alternative": e.alternative,
+                                        "split": split}) + "\n" for e, split in rows))
+
+
+def test_bridge_eval_and_steer_take_a_task_file(capsys, bridged, tmp_path):
+    """A file with a built-in task's prompts (and, for steering, their contrast partners) gives the numbers
+    the built-in task gives."""
+    from circuitir.runtime.steer import contrast_pairs
+    from circuitir.tasks import get_task
+    dense, out = bridged
+    quotes = get_task("quotes")
+    evaluated = tmp_path / "quotes.jsonl"
+    write_task_lines(evaluated, [(e, "heldout") for e in quotes.examples("heldout", 8, 0)])
+    runs = []
+    for option in (("--task", "quotes"), ("--task-file", evaluated)):
+        code, stdout, err = run_cli(capsys, "bridge", "eval", out, "--dense", dense, *option, "-n", "8",
+                                    "--windows", "2", "--json")
+        assert code == 0, err
+        runs.append(json.loads(stdout))
+    assert runs[1]["sparse"]["task_loss"] == pytest.approx(runs[0]["sparse"]["task_loss"], abs=1e-5)
+    for ours, theirs in zip(runs[1]["boundaries"], runs[0]["boundaries"]):
+        assert ours["task_loss_s2d"] == pytest.approx(theirs["task_loss_s2d"], abs=1e-5)
+        assert ours["task_loss_d2s"] == pytest.approx(theirs["task_loss_d2s"], abs=1e-5)
+    pairs = contrast_pairs(quotes, 6, 0)
+    rows, seen = [], set()
+    for example, split in [(a, "heldout") for a, _ in pairs] + [(b, "train") for _, b in pairs]:
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            rows.append((example, split))
+    steered = tmp_path / "pairs.jsonl"
+    write_task_lines(steered, rows)
+    runs = []
+    for option in (("--task", "quotes"), ("--task-file", steered)):
+        code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, *option, "--node", "1.attn.act_in[3]",
+                                    "--strength", "0,1", "-n", "6", "--json")
+        assert code == 0, err
+        runs.append(json.loads(stdout))
+    assert runs[1]["n"] == runs[0]["n"] == 6
+    for name in ("bridge", "random"):
+        for ours, theirs in zip(runs[1][name], runs[0][name]):
+            assert ours["p_other"] == pytest.approx(theirs["p_other"], abs=1e-5)
+            assert ours["p_correct"] == pytest.approx(theirs["p_correct"], abs=1e-5)
+    lonely = tmp_path / "lonely.jsonl"
+    write_task_lines(lonely, [(pairs[0][0], "heldout")])
+    code, _, err = run_cli(capsys, "steer", out, "--dense", dense, "--task-file", lonely, "--node", "final_resid[0]")
+    assert code == 2 and "no contrast pairs" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "steer", out, "--dense", dense, "--node", "final_resid[0]")
+    assert code == 2 and "no task given" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (("--node", "1.attn.q[3]"), "not a residual read"),
     (("--node", "9.attn.act_in[3]"), "not a residual read"),

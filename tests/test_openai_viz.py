@@ -87,6 +87,51 @@ def test_import_gives_the_circuit_the_file_names_and_it_checks(setup):
     assert structural["edges"]["added"] == structural["edges"]["removed"] == []
 
 
+def test_per_node_importances_are_imported_halved(setup):
+    """ch_interv_losses (one loss per kept channel, in circuit_data's order, stored doubled) land halved in
+    the header table openai.node_loss and in the --json summary, by node name."""
+    payload = viz_payload(setup["kept"], setup["config"])
+    losses, expected = {}, {}
+    for number, (site, indices) in enumerate(sorted(setup["kept"].items())):
+        order = sorted(indices, reverse=True)  # the file's order, not ascending: losses follow it
+        payload["circuit_data"][site] = torch.tensor(order, dtype=torch.long)
+        values = [0.5 + number + 0.125 * i for i in range(len(order))]
+        losses[site] = torch.tensor([2 * v for v in values])
+        expected.update({f"{site}[{index}]": v for index, v in zip(order, values)})
+    payload["importances"]["ch_interv_losses"] = losses
+    viz = write_viz(setup["root"], payload, "importances/bracket_brace")
+    assert torch.load(viz, weights_only=True)["importances"]["ch_interv_losses"].keys() == losses.keys()
+    out = setup["root"] / "importances.cir"
+    code, stdout, err = cli("import-viz", viz, "--model", setup["model"], "-o", out, "--mean-tokens", "4096",
+                            "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["openai"]["node_loss"] == expected
+    assert len(expected) == setup["circuit"].n_nodes
+    header = parse(out.read_text(), str(out)).header["openai"]
+    assert header["node_loss"] == expected and header["interv_loss"] == pytest.approx(0.1)
+    top = max(expected, key=expected.get)
+    assert f'openai.node_loss."{top}" = {expected[top]!r}' in out.read_text()
+    assert cli("fmt", "--check", out)[0] == 0
+    code, stdout, err = cli("import-viz", viz, "--model", setup["model"], "-o", out, "--mean-tokens", "4096")
+    assert code == 0 and f"per-node ablation losses for {len(expected)} nodes" in stdout and top in stdout
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda losses, unkept: losses.update({next(iter(losses)): torch.tensor([1.0] * 99)}), "has 99 losses for the"),
+    (lambda losses, unkept: losses.update({unkept: torch.tensor([1.0])}), "which circuit_data does not keep"),
+    (lambda losses, unkept: losses.update({next(iter(losses)): "high"}), "is not a list of losses"),
+])
+def test_malformed_importances_are_one_clear_line(setup, change, message):
+    payload = viz_payload(setup["kept"], setup["config"])
+    unkept = next(site for site in load_model(setup["model"]).model.sites() if site not in setup["kept"])
+    change(payload["importances"]["ch_interv_losses"], unkept)
+    viz = write_viz(setup["root"], payload, "badloss/bracket_brace")
+    out = setup["root"] / "badloss.cir"
+    code, stdout, err = cli("import-viz", viz, "--model", setup["model"], "-o", out)
+    assert code == 2 and stdout == "" and message in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_nodes_with_no_path_to_the_logits_are_dropped_and_counted(setup):
     # Add to the circuit a residual read of layer 0's MLP that no kept neuron reads (zero weights).
     weight = load_model(setup["model"]).model.transformer.h[0].mlp.c_fc.weight
@@ -165,3 +210,34 @@ def test_the_whole_openai_workflow_on_a_release_directory(setup, tmp_path):
     assert diff["structural"]["nodes"]["added"] == diff["structural"]["nodes"]["removed"] == []
     assert diff["behavioural"]["n"] == 32
     assert parse(theirs.read_text(), str(theirs)).header["source"]["file"] == "final_model.pt"
+
+
+def device_commands(setup, out):
+    """Every command (besides train, eval, extract and check) that runs a model, writing to ``out``."""
+    viz = write_viz(setup["root"], viz_payload(setup["kept"], setup["config"]), "device/bracket_brace")
+    model, ours = setup["model"], setup["ours"]
+    return {
+        "import-viz": ["import-viz", viz, "--model", model, "-o", out / "c.cir", "--mean-tokens", 4096],
+        "export --model": ["export", ours, "--model", model, "--task", "bracket_brace", "-n", 16, "-o", out / "g.json"],
+        "export a model": ["export", model, "--format", "safetensors", "-o", out / "m.safetensors"],
+        "explain": ["explain", ours, "--model", model, "--windows", 8, "--prompts", 16, "-o", out / "e.cir"],
+        "report": ["report", ours, "--model", model, "-o", out / "r.html", "--no-check", "--windows", 8,
+                   "--prompts", 16],
+    }
+
+
+def test_commands_that_run_a_model_take_device(setup, tmp_path):
+    for name, argv in device_commands(setup, tmp_path).items():
+        code, _, err = cli(*argv, "--device", "cpu")
+        assert code == 0, (name, err)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["c.cir", "e.cir", "g.json", "m.safetensors", "r.html"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_one_line_before_any_work(setup, tmp_path):
+    for name, argv in device_commands(setup, tmp_path).items():
+        code, stdout, err = cli(*argv, "--device", "cuda")
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (name, err)
+        assert "torch sees no CUDA GPU" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

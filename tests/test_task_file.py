@@ -1,4 +1,5 @@
-"""--task-file: the user's own contrastive prompts, wherever --task is accepted (eval, extract, check, diff)."""
+"""--task-file: the user's own contrastive prompts, wherever --task is accepted (eval, extract, check, diff,
+explain, report; steer and bridge eval in test_bridges.py)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,30 @@ def test_check_refuses_another_task_file_or_none(bracket_model, bracket_file, fi
     assert code == 2 and "give that file with --task-file" in err
 
 
+def test_check_compares_the_full_sha256_the_header_records(bracket_model, bracket_file, file_circuit, tmp_path):
+    out, _ = file_circuit
+    text = out.read_text()
+    sha = hashlib.sha256(Path(bracket_file).read_bytes()).hexdigest()
+    assert f'task.sha256 = "{sha}"' in text
+    # The same bytes under another file name: the circuit's task, with the prompts extraction saw.
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_bytes(Path(bracket_file).read_bytes())
+    runs = []
+    for given in (bracket_file, renamed):
+        code, stdout, stderr = cli("check", out, bracket_model[0], "--task-file", given, "--no-control", "-n", "32",
+                                   "--json")
+        assert code in (0, 1), stderr
+        runs.append(json.loads(stdout)["sufficiency"])
+    assert runs[1]["n"] == runs[0]["n"] == 32 and runs[1]["loss"] == runs[0]["loss"]
+    # A header whose name (16 hex digits) fits the file but whose full sha256 does not: refused.
+    other = sha[:-1] + ("0" if sha[-1] != "0" else "1")
+    forged = tmp_path / "forged.cir"
+    forged.write_text(text.replace(sha, other))
+    code, out_text, err = cli("check", forged, bracket_model[0], "--task-file", bracket_file, "--no-control")
+    assert code == 2 and out_text == "" and err.count("\n") == 1
+    assert "another file, or the file changed" in err and f"sha256 {other[:12]}" in err
+
+
 def test_behavioural_diff_on_a_task_file(bracket_model, bracket_file, file_circuit):
     out, _ = file_circuit
     code, stdout, stderr = cli("diff", out, out, "--model", bracket_model[0], "--task-file", bracket_file,
@@ -174,6 +199,31 @@ def test_behavioural_diff_on_a_task_file(bracket_model, bracket_file, file_circu
     assert code == 0, stderr
     behaviour = json.loads(stdout)["behavioural"]
     assert behaviour["n"] == 32 and behaviour["predictions_differ"] == 0
+
+
+def test_explain_and_report_take_a_task_file(bracket_model, bracket_file, file_circuit, tmp_path):
+    """The file holds bracket_brace's first 64 held-out prompts: explained on it, every node's class means
+    are those on the built-in task's 64 (in another order)."""
+    out, _ = file_circuit
+    runs = {}
+    for option in (("--task", "bracket_brace"), ("--task-file", bracket_file)):
+        code, stdout, err = cli("explain", out, "--model", bracket_model[0], *option, "--prompts", 64,
+                                "--windows", 8, "--json")
+        assert code == 0, err
+        runs[option[0]] = {row["node"]: row["class_means"] for row in json.loads(stdout)["nodes"]}
+    assert runs["--task"].keys() == runs["--task-file"].keys()
+    assert any(means for means in runs["--task"].values())
+    for node, means in runs["--task"].items():
+        assert runs["--task-file"][node] == pytest.approx(means, abs=2e-4), node
+    from circuitir.tasks import FILE_TASKS
+    FILE_TASKS.clear()  # a fresh process: the circuit's task is the file, which must be given
+    html = tmp_path / "r.html"
+    code, _, err = cli("report", out, "--model", bracket_model[0], "-o", html, "--no-check", "--windows", 8)
+    assert code == 2 and "give that file with --task-file" in err and err.count("\n") == 1 and not html.exists()
+    code, stdout, err = cli("report", out, "--model", bracket_model[0], "-o", html, "--task-file", bracket_file,
+                            "-n", 32, "--windows", 8, "--prompts", 16, "--quiet")
+    assert code == 0, err
+    assert html.exists() and "sufficiency" in html.read_text()
 
 
 # ---------------------------------------------------------------- many tasks at once
@@ -184,7 +234,7 @@ def test_extract_all_tasks_in_two_jobs(bracket_model, tmp_path):
     full = metrics["tasks"]["bracket_brace"]["loss"]
     pipeline = PIPELINE % (0.25 if full < 0.1 else round(full + 0.2, 2))
     code, out, err = cli("extract", path, "--task", "all", "-o", tmp_path / "all", "--jobs", "2",
-                         "--pipeline", pipeline, "--json")
+                         "--pipeline", pipeline, "--device", "cpu", "--json")
     result = json.loads(out)
     from circuitir.tasks import TASKS
     rows = {row["task"]: row for row in result["tasks"]}
@@ -198,6 +248,42 @@ def test_extract_all_tasks_in_two_jobs(bracket_model, tmp_path):
     code, _, err = cli("extract", path, "--task", "bracket_brace", "-o", tmp_path / "alone.cir", "--pipeline", pipeline)
     assert code == 0, err
     assert (tmp_path / "all" / "bracket_brace.cir").read_text() == (tmp_path / "alone.cir").read_text()
+
+
+def test_extract_all_loads_every_job_on_the_device(bracket_model, tmp_path, monkeypatch):
+    """--device reaches each job's load (the jobs=1 path runs the job function in this process; --jobs N
+    submits the same arguments to spawned ones). The extraction itself is stubbed: only where the model
+    was loaded is measured here."""
+    import circuitir.api
+    import circuitir.runtime.extract
+    from circuitir.tasks import TASKS
+
+    real_load, seen = circuitir.api.load_model, []
+
+    def spy(path, tokenizer=None, device=None):
+        loaded = real_load(path, tokenizer=tokenizer, device=device)
+        seen.append((device, next(loaded.model.parameters()).device.type))
+        return loaded
+
+    def stub(loaded, task, **options):
+        raise UserError(f"stub: {task.name}")
+
+    monkeypatch.setattr(circuitir.api, "load_model", spy)
+    monkeypatch.setattr(circuitir.runtime.extract, "extract", stub)
+    code, out, err = cli("extract", bracket_model[0], "--task", "all", "-o", tmp_path / "all", "--jobs", "1",
+                         "--ablation", "zero", "--device", "cpu", "--json")
+    assert code == 1, err
+    rows = json.loads(out)["tasks"]
+    assert [row["error"] for row in rows] == [f"stub: {name}" for name in TASKS]
+    assert seen == [("cpu", "cpu")] * (1 + len(TASKS))  # the CLI's check, then one load per job
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_extract_all_on_cuda_without_a_gpu_is_one_line(bracket_model, tmp_path):
+    code, out, err = cli("extract", bracket_model[0], "--task", "all", "-o", tmp_path / "all", "--jobs", "2",
+                         "--device", "cuda")
+    assert code == 2 and out == "" and "torch sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "all").exists()
 
 
 def test_check_measures_the_prompts_the_user_brings(bracket_model, file_circuit, tmp_path):

@@ -182,3 +182,31 @@ def test_corpus_is_identified_by_content(tmp_path):
     assert a.sha256 == b.sha256 and torch.equal(a.train, b.train)
     (tmp_path / "b" / "module_0.py").write_text("changed = True\n")
     assert load_corpus(tmp_path / "b").sha256 != a.sha256
+
+
+def test_train_writes_a_safetensors_model(tmp_path, tiny_corpus):
+    """`train -o M.safetensors`: the weights a .pt run gets, its provenance, no optimiser state, and it
+    loads and evaluates like the .pt."""
+    import json
+
+    from conftest import cli
+
+    runs = {}
+    for suffix in ("pt", "safetensors"):
+        out = tmp_path / f"m.{suffix}"
+        code, stdout, err = cli("train", "--preset", "tiny", "--steps", STEPS, "--corpus", tiny_corpus,
+                                "-o", out, "--json", "--quiet")
+        assert code == 0, err
+        runs[suffix] = (load_model(out), json.loads(stdout))
+    (pt, pt_metrics), (st, st_metrics) = runs["pt"], runs["safetensors"]
+    assert_same_weights(pt.model.state_dict(), st.model.state_dict())
+    assert st_metrics["val_loss"] == pt_metrics["val_loss"]
+    assert st.meta["metrics"]["val_loss"] == st_metrics["val_loss"] and st.meta["step"] == STEPS
+    assert st.meta["corpus"]["sha256"] == pt.meta["corpus"]["sha256"]
+    assert st.meta["recipe"] == pt.meta["recipe"] and "optimizer" not in st.meta
+    assert leftover_parts(tmp_path) == []
+    evals = [cli("eval", tmp_path / f"m.{suffix}", "--task", "quotes", "-n", 64, "--json") for suffix in runs]
+    assert [code for code, _, _ in evals] == [0, 0]
+    assert json.loads(evals[0][1]) == json.loads(evals[1][1])
+    code, _, err = cli("train", "-o", tmp_path / "again.pt", "--resume", tmp_path / "m.safetensors")
+    assert code == 2 and "no optimiser state" in err and err.count("\n") == 1

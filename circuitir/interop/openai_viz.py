@@ -23,6 +23,15 @@ can compare OpenAI's circuit for a task with circuitir's. Nodes with no path
 to the logits under these semantics are dropped (dead-code elimination) and
 counted in the summary; OpenAI's own losses are recorded (halved) in the
 header under ``openai``.
+
+The per-node importances (``ch_interv_losses``) become the header table
+``openai.node_loss``, one line per node OpenAI kept (``openai.node_loss."0.mlp.post_act[3]"
+= 0.21``: the task loss with that node ablated, halved), and the same mapping in
+the summary (``import-viz --json``). They go in the header, not in ``label``
+lines: a label says what a node responds to and ``explain`` rewrites generated
+ones, while these are OpenAI's measurements under OpenAI's ablation, kept
+beside their ``loss`` and ``interv_loss``, for every node they kept (also those
+circuitir's lowering drops), where ``fmt``, ``diff`` and ``explain`` leave them.
 """
 
 from __future__ import annotations
@@ -85,10 +94,11 @@ def check_fits(viz: dict, model, path: str | Path) -> None:
                             f"{getattr(mine, name)}; import it with the model it was pruned on")
 
 
-def viz_mask(viz: dict, model, path: str | Path) -> dict[str, torch.Tensor]:
-    """``{site: bool tensor}`` of the channels ``circuit_data`` keeps (sites it does not name keep none)."""
+def kept_channels(viz: dict, model, path: str | Path) -> dict[str, list[int]]:
+    """``{site: kept channel indices}`` in ``circuit_data``'s own order (a boolean mask: ascending), checked
+    against the model's sites and widths."""
     sites = model.sites()
-    mask = {name: torch.zeros(site.width, dtype=torch.bool) for name, site in sites.items()}
+    kept_by_site = {}
     for location, kept in viz["circuit_data"].items():
         if location in NON_LOCATION_KEYS:
             continue
@@ -108,17 +118,53 @@ def viz_mask(viz: dict, model, path: str | Path) -> dict[str, torch.Tensor]:
             if indices.shape != (width,):
                 raise UserError(f"{path}: circuit_data[{location!r}] is a mask of {tuple(indices.shape)}, the "
                                 f"site has {width} channels; the file is for another model")
-            mask[location] |= indices
-            continue
-        if indices.is_floating_point() or indices.is_complex() or indices.dim() > 1:
+            indices = indices.nonzero().flatten()
+        elif indices.is_floating_point() or indices.is_complex() or indices.dim() > 1:
             raise UserError(f"{path}: circuit_data[{location!r}] is not a list of channel indices")
         indices = indices.flatten().long()
         outside = indices[(indices < 0) | (indices >= width)]
         if len(outside):
             raise UserError(f"{path}: circuit_data[{location!r}] keeps channel {int(outside[0])}, but the site "
                             f"has {width} channels; the file is for another model")
+        kept_by_site[location] = indices.tolist()
+    return kept_by_site
+
+
+def viz_mask(kept_by_site: dict[str, list[int]], model) -> dict[str, torch.Tensor]:
+    """``{site: bool tensor}`` of the kept channels (sites ``circuit_data`` does not name keep none)."""
+    mask = {name: torch.zeros(site.width, dtype=torch.bool) for name, site in model.sites().items()}
+    for location, indices in kept_by_site.items():
         mask[location][indices] = True
     return mask
+
+
+def node_losses(viz: dict, kept_by_site: dict[str, list[int]], path: str | Path) -> dict[str, float]:
+    """OpenAI's per-node importances: ``importances.ch_interv_losses`` (location -> the task loss with that
+    one node ablated from their circuit, one per kept channel in ``circuit_data``'s order, stored doubled),
+    halved, by node name (``0.mlp.post_act[3]``), in the file's order. Empty when the file has none."""
+    importances = viz.get("importances")
+    losses = importances.get("ch_interv_losses") if isinstance(importances, dict) else None
+    if losses is None:
+        return {}
+    if not isinstance(losses, dict):
+        raise UserError(f"{path}: importances['ch_interv_losses'] is not a mapping of locations to losses")
+    out = {}
+    for location, values in losses.items():
+        if location not in kept_by_site:
+            raise UserError(f"{path}: importances['ch_interv_losses'] has location {location!r}, which "
+                            "circuit_data does not keep")
+        try:
+            values = torch.as_tensor(values, dtype=torch.float64).flatten().tolist()
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"{path}: importances['ch_interv_losses'][{location!r}] is not a list of "
+                            "losses") from None
+        kept = kept_by_site[location]
+        if len(values) != len(kept):
+            raise UserError(f"{path}: importances['ch_interv_losses'][{location!r}] has {len(values)} losses "
+                            f"for the {len(kept)} channels circuit_data keeps there")
+        for index, value in zip(kept, values):
+            out[f"{location}[{index}]"] = value / LOSS_SCALE
+    return out
 
 
 def task_from_path(path: str | Path):
@@ -156,7 +202,9 @@ def import_viz(path: str | Path, loaded, task, *, tokens: int = 65536, seed: int
     started = time.time()
     viz = read_viz(path)
     check_fits(viz, loaded.model, path)
-    mask = viz_mask(viz, loaded.model, path)
+    kept_by_site = kept_channels(viz, loaded.model, path)
+    losses = node_losses(viz, kept_by_site, path)
+    mask = viz_mask(kept_by_site, loaded.model)
     imported = int(sum(int(m.sum()) for m in mask.values()))
     if imported == 0:
         raise UserError(f"{path}: circuit_data keeps no channels")
@@ -175,7 +223,8 @@ def import_viz(path: str | Path, loaded, task, *, tokens: int = 65536, seed: int
                      "corpus_sha256": info["corpus_sha256"]},
         "norm": "live",
         "seed": seed,
-        "openai": {"viz_file": Path(path).name, "viz_sha256": digest, **openai_losses(viz, imported)},
+        "openai": {"viz_file": Path(path).name, "viz_sha256": digest, **openai_losses(viz, imported),
+                   **({"node_loss": losses} if losses else {})},
     }
     circuit.verify()
     metrics = circuit_task_metrics(circuit, task, loaded.tokenizer, n=heldout)

@@ -65,10 +65,11 @@ def _task_loss(model, task, tokenizer, n: int, seed: int = 0) -> float:
 @torch.no_grad()
 def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256, windows: int = 32) -> dict:
     from circuitir.models.checkpoint import load_model
-    from circuitir.tasks import get_task
+    from circuitir.tasks import check_task_tokens, get_task
     dense = load_model(dense_path)
     sparse, bridges = load_bridged(bridged_path, dense)
     task_obj = get_task(task) if task else None
+    check_task_tokens([task_obj] if task_obj else [], dense.tokenizer)
     dense_ir, sparse_ir = trace(dense.model), trace(sparse.model)
     batch = validation_windows(dense, windows)
     idx, targets = batch[:, :-1], batch[:, 1:]
@@ -138,7 +139,17 @@ def parse_channel(text: str, config) -> tuple[str, int]:
 
 def contrast_pairs(task, n: int, seed: int = 0, split: str = "heldout") -> list[tuple]:
     """(example, partner) pairs: each prompt of ``split`` with its generated contrast partner of the
-    same token length (the partner's answer is the example's alternative)."""
+    same token length (the partner's answer is the example's alternative); a task file pairs its own
+    lines (:meth:`~circuitir.tasks.task_file.FileTask.contrast_pairs`)."""
+    out = task.contrast_pairs(split, n) if hasattr(task, "contrast_pairs") else _generated_pairs(task, n, seed,
+                                                                                                   split)
+    if not out:
+        raise UserError(f"task {task.name}: no contrast pairs of equal length to steer with (a task file needs "
+                        "lines whose answers are each other's swapped, with prompts of the same length)")
+    return out[:n]
+
+
+def _generated_pairs(task, n: int, seed: int, split: str) -> list[tuple]:
     from circuitir.tasks import split_of
     rng = random.Random(f"{task.name}:steer:{seed}")
     out, seen = [], set()
@@ -151,9 +162,7 @@ def contrast_pairs(task, n: int, seed: int = 0, split: str = "heldout") -> list[
                 continue
             seen.add(x.prompt)
             out.append((x, y))
-    if not out:
-        raise UserError(f"task {task.name}: no contrast pairs of equal length to steer with")
-    return out[:n]
+    return out
 
 
 def add_to_read(x: torch.Tensor, delta: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
@@ -182,10 +191,11 @@ def steered_graph(dense_ir, point: str, delta: torch.Tensor):
 def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list[float],
           circuit_path: str | None = None, n: int = 64, seed: int = 0) -> dict:
     from circuitir.models.checkpoint import load_model
-    from circuitir.tasks import get_task
+    from circuitir.tasks import check_task_tokens, get_task
     dense = load_model(dense_path)
     sparse, bridges = load_bridged(bridged_path, dense)
     task_obj = get_task(task)
+    check_task_tokens([task_obj], dense.tokenizer)
     if node is None and circuit_path is None:
         raise UserError("give --node SITE[c] or --circuit C.cir")
     if node is not None:

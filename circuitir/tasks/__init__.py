@@ -179,6 +179,13 @@ register(Task("bracket_brace", "close an open `(` with `)` and an open `[` with 
               bracket_brace))
 
 
+def check_task_tokens(tasks, tokenizer) -> None:
+    """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
+    for task in tasks:
+        if hasattr(task, "check_tokenizer"):
+            task.check_tokenizer(tokenizer)
+
+
 def get_task(name: str) -> Task:
     if name.startswith("file:"):
         if name in FILE_TASKS:

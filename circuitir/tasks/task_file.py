@@ -19,10 +19,13 @@ SHA-256 (``file:quotes@1f2e3d4c5b6a7988``), so the circuit header that records
 the task name records which file it was, and :func:`register_task_file` makes
 :func:`circuitir.tasks.get_task` resolve that name only when the same file is
 given again: a circuit extracted on one file cannot be checked on another.
+:func:`as_recorded` is that comparison for ``check``: the full SHA-256 the
+circuit's header records, not the name's 16 hex digits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -61,6 +64,24 @@ class FileTask(Task):
                             f"\"split\": \"{split}\" (lines without a split are assigned by a hash of the prompt)")
         random.Random(f"{self.name}:{seed}").shuffle(pool)
         return pool[:n]
+
+    def contrast_pairs(self, split: str, n: int) -> list[tuple[Example, Example]]:
+        """(example, partner) pairs for ``steer``, which a generated task makes with its generator: each
+        ``split`` line in file order, with the line of the file (any split) whose answers are its own
+        swapped and whose prompt has as many characters, the one that differs from it in the fewest
+        characters (a generated partner differs only where the answer is decided). Lines without one are
+        left out."""
+        everything = [example for _, example, _ in self.lines]
+        out = []
+        for _, example, where in self.lines:
+            if len(out) >= n:
+                break
+            partners = [p for p in everything if p.correct == example.alternative and
+                        p.alternative == example.correct and len(p.prompt) == len(example.prompt)]
+            if where == split and partners:
+                out.append((example, min(partners, key=lambda p: sum(a != b for a, b in zip(p.prompt,
+                                                                                             example.prompt)))))
+        return out
 
     def spec(self) -> dict:
         """The task's identity, for a circuit header: the file's name and full SHA-256."""
@@ -153,4 +174,24 @@ def register_task_file(path: str | Path) -> FileTask:
     from circuitir.tasks import FILE_TASKS
     task = load_task_file(path)
     FILE_TASKS[task.name] = task
+    return task
+
+
+def as_recorded(task: FileTask, provenance, circuit_path: str = "the circuit") -> FileTask:
+    """``task`` (given with ``--task-file``) as the circuit with this :class:`~circuitir.ir.provenance.Provenance`
+    was extracted on it, or one line saying it is another file. The same file means the same bytes: the full
+    SHA-256 the header's task group records (a header without one is compared by name, which carries the
+    first 16 hex digits). The same bytes under another file name become the recorded task, name included,
+    so its prompts come in the order extraction saw them (the order is seeded by the name)."""
+    from circuitir.tasks import FILE_TASKS
+    recorded_sha = provenance.task_spec.get("sha256")
+    recorded_sha = recorded_sha if isinstance(recorded_sha, str) and recorded_sha else None
+    same = task.sha256 == recorded_sha if recorded_sha else task.name == provenance.task
+    if not same:
+        theirs = f" (sha256 {recorded_sha[:12]}..., {task.path} has {task.sha256[:12]}...)" if recorded_sha else ""
+        raise UserError(f"{circuit_path} was extracted for task {provenance.task!r}{theirs}, and {task.path} is "
+                        f"{task.name!r} (another file, or the file changed); check it on its own task file")
+    if task.name != provenance.task:
+        task = dataclasses.replace(task, name=provenance.task)
+        FILE_TASKS[task.name] = task
     return task
