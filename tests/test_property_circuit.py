@@ -12,6 +12,7 @@ and the tokens; a failure prints the drawn case, seed included, shrunk.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,23 @@ def test_dead_code_is_dropped_without_changing_logits():
         expected = ablate(model, mask, fills_for(model, "mean", means), {n: 1.0 for n in model.norms()})(tokens)[..., [1, 2]]
     assert torch.allclose(compile_circuit(circuit)(tokens), expected, atol=1e-6)
     assert torch.allclose(expected[..., 1] - expected[..., 0], torch.ones_like(expected[..., 0]))
+
+
+def test_compiling_many_circuits_leaves_nothing_behind_in_torch_fx():
+    """Each compile used to register `take` again in torch.fx's global table of wrapped functions (the
+    traced module's code calls `wrap`), so every later trace walked every earlier entry: thousands of
+    compiles in one process (the fuzzer) slowed down quadratically and kept every module's code alive."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    from circuitir.grammar import parse
+    from circuitir.runtime.compile import compile_circuit
+
+    table = getattr(fx_trace, "_wrapped_fns_to_patch", None)
+    if table is None:
+        pytest.skip("this torch keeps no table of wrapped functions")
+    circuit = parse((Path(__file__).resolve().parent.parent / "examples" / "bracket_toy.cir").read_text())
+    compile_circuit(circuit)
+    before = len(table)
+    for _ in range(20):
+        compile_circuit(circuit)
+    assert len(table) == before

@@ -22,14 +22,16 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[..., index]`` for a long ``index`` of any shape, as one ``gather``: on CPU several times
-    faster than advanced indexing on the last dimension, which dominated a circuit's run time."""
-    lead = x.shape[:-1]
+    faster than advanced indexing on the last dimension, which dominated a circuit's run time.
+
+    Written with sizes as values (``x.shape[:-1] + flat.shape``), not unpacked, so that torch.fx traces
+    it as it is. It used to be a ``torch.fx.wrap``-ed leaf; every traced module then registered the
+    wrap again in torch.fx's global table (its generated code calls ``wrap``), so each compile walked
+    every earlier one's entry and kept its code alive: a process that compiled thousands of circuits
+    (the fuzzer, a sweep) slowed down quadratically and grew without bound."""
     flat = index.reshape(-1)
-    out = torch.gather(x, -1, flat.expand(*lead, flat.numel()))
-    return out.reshape(*lead, *index.shape)
-
-
-torch.fx.wrap("take")
+    out = torch.gather(x, -1, flat.expand(x.shape[:-1] + flat.shape))
+    return out.reshape(x.shape[:-1] + index.shape)
 
 
 class LiveSite(nn.Module):
