@@ -55,8 +55,16 @@ temporary task file and measured by the same function. Per-answer rows
 (quotes: ``'`` / ``"``; brackets: nested / flat) are the same measurement on
 that answer's prompts.
 
+Real-code prompts are longer than the templates (127 bytes against about 27),
+and the bracket circuit is known to dilute with length
+(benchmarks/context_dilution.py), so every source is cut a second time with
+``--control-context`` bytes (default 32, about the templates' length): the
+sets named ``<source> 32B``. The visibility rule then keeps only cuts whose
+deciding bracket or quote is within those 32 bytes, so they are short strings
+and short lists: a different population, not the same prompts shortened.
+
     python benchmarks/off_template.py [--cap 512] [--sources validation,tests] [--context BYTES]
-                                      [--json OUT] [--prompts-dir DIR]
+                                      [--control-context 32] [--json OUT] [--plot PNG] [--prompts-dir DIR]
 
 About 90 s on one loaded core (most of it tokenizing the 19 MB of test packages);
 figures measured on the shipped models are in benchmarks/README.md.
@@ -197,24 +205,27 @@ def source_files(source: str, root: Path | None = None) -> list[tuple[str, Path]
     return [(p.relative_to(root).as_posix(), p) for p in files]
 
 
-def cut_files(files: list[tuple[str, Path]], cap: int, seed: int = 0, context: int = 127) -> dict:
-    """Every task's prompt set from ``files``: at most ``cap // 2`` prompts per answer, drawn round-robin
-    over the files (each file's cuts in a seeded random order), a prompt equal to an earlier one dropped.
-    Returns {task: (rows, counts)}; a file ``tokenize`` rejects is skipped and named in the counts."""
-    per_file = {task: [] for task in CUTTERS}
+def cut_files(files: list[tuple[str, Path]], cap: int, seed: int = 0, contexts=(127,)) -> dict:
+    """Every task's prompt set from ``files`` for each context length (bytes kept before a cut): at most
+    ``cap // 2`` prompts per answer, drawn round-robin over the files (each file's cuts in a seeded random
+    order), a prompt equal to an earlier one dropped. Returns {context: {task: (rows, counts)}}; a file
+    ``tokenize`` rejects is skipped and named in the counts. Each file is tokenized once."""
+    per_file = {(context, task): [] for context in contexts for task in CUTTERS}
     skipped = []
     for name, path in files:
         text = path.read_bytes().decode("utf-8", errors="replace")  # as the corpus reads it
         try:
             tokens = _tokens(text)
-            cuts = {task: cutter(text, name, context, tokens) for task, cutter in CUTTERS.items()}
+            cuts = {(context, task): cutter(text, name, context, tokens)
+                    for context in contexts for task, cutter in CUTTERS.items()}
         except (SyntaxError, tokenize.TokenError):
             skipped.append(name)
             continue
-        for task, rows in cuts.items():
+        for (context, task), rows in cuts.items():
             random.Random(f"off-template:{task}:{name}:{seed}").shuffle(rows)
-            per_file[task].append(rows)
-    return {task: _round_robin(rows_per_file, cap, len(files), skipped) for task, rows_per_file in per_file.items()}
+            per_file[context, task].append(rows)
+    return {context: {task: _round_robin(per_file[context, task], cap, len(files), skipped) for task in CUTTERS}
+            for context in contexts}
 
 
 def _round_robin(per_file: list[list[dict]], cap: int, n_files: int, skipped: list[str]) -> tuple[list[dict], dict]:
@@ -300,29 +311,39 @@ def held_out_check(sparse, root: Path, validation: list[tuple[str, Path]]) -> di
 
 
 def run(sparse, dense, circuits: dict, *, cap: int = 512, seed: int = 0, context: int | None = None,
-        sources=("validation", "tests"), root: Path | None = None, prompts_dir: Path | None = None) -> dict:
+        control_context: int | None = 32, sources=("validation", "tests"), root: Path | None = None,
+        prompts_dir: Path | None = None) -> dict:
     """Cut the prompt sets, write them, and measure every set with every circuit. ``circuits`` maps a task
-    (single_double_quote, bracket_counting) to its Circuit; ``sparse`` and ``dense`` are LoadedModels."""
+    (single_double_quote, bracket_counting) to its Circuit; ``sparse`` and ``dense`` are LoadedModels.
+
+    Each source is cut twice: with ``context`` bytes before the cut (default block_size - 1), and with
+    ``control_context`` (default 32, about the templates' length; None or 0: not), the length control: a
+    set named ``"<source> <n>B"``."""
     started = time.perf_counter()
     root = Path(root) if root is not None else default_corpus_dir()
     context = context if context is not None else sparse.config.block_size - 1
-    out = {"cap": cap, "seed": seed, "context_bytes": context, "sources": {}, "tasks": {}}
+    contexts = [context] + ([control_context] if control_context and control_context != context else [])
+    out = {"cap": cap, "seed": seed, "context_bytes": context, "control_context_bytes": contexts[1:],
+           "sources": {}, "tasks": {}}
     cut = {}
     for source in sources:
         files = source_files(source, root)
-        cut[source] = cut_files(files, cap, seed, context)
-        skipped = next(iter(cut[source].values()))[1]["skipped_files"]  # the same files for every task
+        by_context = cut_files(files, cap, seed, contexts)
+        for n, sets in by_context.items():
+            cut[source if n == context else f"{source} {n}B"] = sets
+        skipped = by_context[context][QUOTES][1]["skipped_files"]  # the same files for every task and length
         out["sources"][source] = {"files": len(files), "skipped": len(skipped)}
     out["held_out"] = held_out_check(sparse, root, source_files("validation", root))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for task, circuit in circuits.items():
             sets = {"template": (template_rows(task, cap), None)}
-            for source in sources:
-                rows, counts = cut[source][task]
-                sets[source] = (rows, counts)
+            for name in [*sources, *(f"{source} {n}B" for n in contexts[1:] for source in sources)]:
+                rows, counts = cut[name][task]
+                sets[name] = (rows, counts)
                 if prompts_dir is not None:
-                    write_task_file(rows, Path(prompts_dir) / f"off_template_{task}_{source}.jsonl")
+                    stem = name.replace(" ", "_")
+                    write_task_file(rows, Path(prompts_dir) / f"off_template_{task}_{stem}.jsonl")
             out["tasks"][task] = {}
             for name, (rows, counts) in sets.items():
                 if not rows:
@@ -346,8 +367,10 @@ def print_report(out: dict) -> None:
              "WARNING: not the split recorded in the model (another interpreter's standard library?)"))
     for source, info in out["sources"].items():
         print(f"  {source}: {SOURCES[source]}; {info['files']} files, {info['skipped']} rejected by tokenize")
-    print(f"prompts: the last {out['context_bytes']} bytes before the cut; at most {out['cap'] // 2} per answer")
-    header = (f"{'task':>19} {'prompts':>10} {'answer':>7} {'n':>4} {'bytes':>5} | {'sparse loss':>11} {'acc':>5} | "
+    print(f"prompts: the last {out['context_bytes']} bytes before the cut; at most {out['cap'] // 2} per answer"
+          + "".join(f"; '<source> {n}B': the length control, {n} bytes (about the templates' length)"
+                    for n in out["control_context_bytes"]))
+    header = (f"{'task':>19} {'prompts':>14} {'answer':>7} {'n':>4} {'bytes':>5} | {'sparse loss':>11} {'acc':>5} | "
               f"{'dense loss':>10} {'acc':>5} | {'circuit loss':>12} {'acc':>5} | {'agree sparse':>12} {'dense':>5}")
     print()
     print(header)
@@ -358,7 +381,7 @@ def print_report(out: dict) -> None:
                 few = "*" if r["n"] < 32 else " "
                 size = f"{result['mean_bytes']:.0f}" if answer == "all" else ""
                 print(f"{task if name == 'template' and answer == 'all' else '':>19} "
-                      f"{name if answer == 'all' else '':>10} {answer!s:>7} {r['n']:>4}{few}{size:>5} | "
+                      f"{name if answer == 'all' else '':>14} {answer!s:>7} {r['n']:>4}{few}{size:>5} | "
                       f"{r['sparse_loss']:>11.4f} {r['sparse_acc']:>5.3f} | "
                       f"{r['dense_loss']:>10.4f} {r['dense_acc']:>5.3f} | "
                       f"{r['circuit_loss']:>12.4f} {r['circuit_acc']:>5.3f} | {r['agree_sparse']:>12.3f} "
@@ -373,6 +396,39 @@ def print_report(out: dict) -> None:
                 print(f"  {task} {name}: cuts available {available}")
 
 
+def plot(out: dict, path) -> None:
+    """Per task and answer: accuracy of the sparse model, the dense model and the circuit, and the
+    circuit's agreement with the sparse model, on every prompt set."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(task, answer) for task, sets in out["tasks"].items() for answer in sets["template"]["by_answer"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=True)
+    bars = (("sparse_acc", "sparse model", "tab:blue"), ("dense_acc", "dense model", "tab:orange"),
+            ("circuit_acc", "circuit alone", "tab:green"), ("agree_sparse", "circuit agrees with sparse", "tab:grey"))
+    for ax, (task, answer) in zip(np.atleast_1d(axes), panels):
+        names = [name for name, result in out["tasks"][task].items() if answer in result["by_answer"]]
+        x = np.arange(len(names))
+        for i, (key, label, colour) in enumerate(bars):
+            ax.bar(x + (i - 1.5) * 0.2, [out["tasks"][task][name]["by_answer"][answer][key] for name in names], 0.2,
+                   color=colour, label=label)
+        ax.set_xticks(x, [f"{name}\nn={out['tasks'][task][name]['by_answer'][answer]['n']}" for name in names],
+                      fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.6)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task}: answer {answer!r}" if answer in "'\"" else f"{task}: {answer}", fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("accuracy / agreement")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Off the templates: held-out standard-library code cut to {out['context_bytes']} bytes "
+                 f"(and {', '.join(str(n) for n in out['control_context_bytes'])}), beside the task's templates",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparse", default=str(ROOT / "models" / "sparse.pt"))
@@ -381,6 +437,8 @@ def main(argv=None) -> int:
     parser.add_argument("--brackets-circuit", default=str(ROOT / "examples" / "sparse-brackets.cir"))
     parser.add_argument("--cap", type=int, default=512, help="prompts per set at most (half per answer)")
     parser.add_argument("--context", type=int, help="bytes of context kept before a cut (default block_size - 1)")
+    parser.add_argument("--control-context", type=int, default=32, help="the length control: each source cut "
+                        "again with this many bytes, about the templates' length (0: not)")
     parser.add_argument("--sources", default="validation,tests",
                         help="held-out real code: validation (the corpus's validation files), tests (the "
                         "standard library's test packages, never in the corpus)")
@@ -390,6 +448,8 @@ def main(argv=None) -> int:
                         "(off_template_<task>_<source>.jsonl, for `circuitir check --prompts`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "off_template.png"),
+                        help="write the figure here ('' for none)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -399,8 +459,8 @@ def main(argv=None) -> int:
         dense.model.eval()
         circuits = {QUOTES: cir.load(args.quotes_circuit), BRACKETS: cir.load(args.brackets_circuit)}
         out = run(sparse, dense, circuits, cap=args.cap, seed=args.seed, context=args.context,
-                  sources=[s for s in args.sources.split(",") if s], root=args.root,
-                  prompts_dir=args.prompts_dir or None)
+                  control_context=args.control_context, sources=[s for s in args.sources.split(",") if s],
+                  root=args.root, prompts_dir=args.prompts_dir or None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -408,6 +468,9 @@ def main(argv=None) -> int:
                      "brackets_circuit": args.brackets_circuit, "prompts_dir": args.prompts_dir}
     print_report(out)
     print(f"({out['seconds']:.0f} s)")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"figure: {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
