@@ -418,7 +418,7 @@ def plot(out: dict, path) -> None:
                       fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.6)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{task}: answer {answer!r}" if answer in "'\"" else f"{task}: {answer}", fontsize=9)
+        ax.set_title(f"{task}: {answer if answer in ('nested', 'flat') else 'closing ' + answer}", fontsize=9)
     np.atleast_1d(axes)[0].set_ylabel("accuracy / agreement")
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"Off the templates: held-out standard-library code cut to {out['context_bytes']} bytes "
