@@ -12,7 +12,10 @@ one task under seeds 0..K-1 and reports
   max / min;
 * the overlap of the node sets: Jaccard |A ∩ B| / |A ∪ B| for every pair of
   seeds (mean, min, max), the nodes common to every seed (by site) and the
-  union, and how many nodes appear in exactly k of the K circuits.
+  union, and how many nodes appear in exactly k of the K circuits; the same
+  for the edge sets; and, for scale, the Jaccard two random node sets of the
+  mean size would have (drawn from all the model's nodes, every channel of
+  every site).
 
 ``--seed`` is ``circuitir extract --seed``: it seeds everything random in
 the extraction, not the mask's initial values alone: the corpus windows the
@@ -75,6 +78,13 @@ def overlap(sets: dict) -> dict:
             "min": min(values) if values else None, "max": max(values) if values else None,
             "common": sorted(common), "union": len(union),
             "frequency": {k: sum(1 for c in counts.values() if c == k) for k in range(1, len(sets) + 1)}}
+
+
+def chance_jaccard(a: float, b: float, n: int) -> float:
+    """Jaccard of two node sets of sizes ``a`` and ``b`` drawn at random from ``n`` nodes, to first order:
+    E|A ∩ B| = ab/n, so J = (ab/n) / (a + b - ab/n)."""
+    both = a * b / n
+    return both / (a + b - both)
 
 
 def spread(values: list[float]) -> dict:
@@ -159,6 +169,10 @@ def run(loaded, task, seeds: list[int], out_dir: Path, *, target=None, pipeline=
     for name in node_overlap["common"]:
         site = name.rsplit("[", 1)[0]
         common_by_site[site] = common_by_site.get(site, 0) + 1
+    from circuitir.ir.trace import trace
+    all_nodes = sum(site.width for site in trace(loaded.model).sites.values())
+    size = statistics.fmean(len(s) for s in nodes.values())
+    node_overlap["chance"] = {"model_nodes": all_nodes, "jaccard": chance_jaccard(size, size, all_nodes)}
     return {"model": str(loaded.path), "model_sha256": loaded.sha256, "task": task.name, "seeds": seeds,
             "pipeline": circuit.provenance.pipeline, "per_seed": per_seed,
             "spread": {key: spread([per_seed[s][key] for s in seeds]) for key in ("nodes", "edges", "loss")},
@@ -192,6 +206,9 @@ def print_report(out: dict) -> None:
         print(f"Jaccard of the {kind[:-1]} sets over {len(o['pairs'])} pairs: mean {o['mean']:.3f}, min {o['min']:.3f}, "
               f"max {o['max']:.3f}; common to all seeds {common}, union {o['union']}; in exactly k of "
               f"{len(seeds)} circuits: " + ", ".join(f"{k}: {n}" for k, n in o["frequency"].items()))
+    chance = out["nodes"]["chance"]
+    print(f"(two random sets of {out['spread']['nodes']['mean']:.0f} of the model's {chance['model_nodes']} nodes: "
+          f"Jaccard {chance['jaccard']:.3f})")
     if out["nodes"]["common"]:
         print("nodes common to every seed, by site: "
               + ", ".join(f"{site} {n}" for site, n in out["nodes"]["common_by_site"].items()))
@@ -213,9 +230,10 @@ def plot(out: dict, path) -> None:
         ax.text(i, out["per_seed"][s]["edges"], f"{out['per_seed'][s]['loss']:.3f}", ha="center", va="bottom",
                 fontsize=7)
     ax.set_xticks(x, [str(s) for s in seeds])
+    ax.set_ylim(0, 1.3 * max(out["per_seed"][s]["edges"] for s in seeds))
     ax.set_xlabel("seed (label: held-out loss)")
     ax.set_title("circuit size per seed", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
     ax = axes[1]
     matrix = np.ones((len(seeds), len(seeds)))
     for key, value in out["nodes"]["pairs"].items():

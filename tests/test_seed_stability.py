@@ -31,6 +31,7 @@ def test_jaccard_and_overlap_on_known_sets(bench):
     assert found["frequency"] == {1: 3, 2: 2, 3: 1}  # a, e, f in one set; b, d in two; c in all three
     one = bench.overlap({4: {"x"}})
     assert one["mean"] is None and one["common"] == ["x"] and one["frequency"] == {1: 1}
+    assert bench.chance_jaccard(10, 10, 100) == pytest.approx(1 / 19)  # E|A ∩ B| = 1, |A ∪ B| = 19
     assert bench.spread([2, 4, 6]) == {"mean": 4, "sd": 2, "min": 2, "max": 6, "max_over_min": 3}
     assert bench.parse_seeds("3") == [0, 1, 2] and bench.parse_seeds("0,3,7") == [0, 3, 7]
     for bad in ("0,0", "x", "-1,2", "0"):
