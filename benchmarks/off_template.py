@@ -137,7 +137,11 @@ def _row(text: str, name: str, cut: int, answer: str, visible_from: int, context
 
 
 def quote_cuts(text: str, name: str = "<source>", context: int = 127, tokens=None) -> list[dict]:
-    """single_double_quote prompts: each one-quote string literal cut before its closing quote."""
+    """single_double_quote prompts: each one-quote string literal cut before its closing quote.
+
+    Each row also says (``_before``, not written to task files) which quote character comes last in the
+    prompt before the string's opening quote: ``same``, ``other`` or ``none`` (in a string, a comment or
+    code alike: what a byte-level model sees)."""
     rows = []
     for tok, start, end in tokens if tokens is not None else _tokens(text):
         if tok.type != tokenize.STRING:
@@ -147,8 +151,12 @@ def quote_cuts(text: str, name: str = "<source>", context: int = 127, tokens=Non
         if quoted[:3] in ("'''", '"""') or len(quoted) < 3:  # triple-quoted, or empty
             continue
         assert quoted[0] == quoted[-1] == text[end - 1] and quoted[0] in "'\"", tok
-        row = _row(text, name, end - 1, quoted[0], start + prefix, context)
+        opened = start + prefix
+        row = _row(text, name, end - 1, quoted[0], opened, context)
         if row is not None:
+            before = text[end - 1 - len(row["prompt"]):opened]
+            last = max(before.rfind("'"), before.rfind('"'))
+            row["_before"] = "none" if last < 0 else "same" if before[last] == quoted[0] else "other"
             rows.append(row)
     return rows
 
@@ -255,7 +263,8 @@ def template_rows(task: str, n: int) -> list[dict]:
 
 def write_task_file(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n"
+                            for row in rows))
     return path
 
 
@@ -286,16 +295,26 @@ def pooled(parts: list[dict]) -> dict:
     return {"n": n, **{key: sum(part["n"] * part[key] for part in parts) / n for key in MEASURES}}
 
 
+def measure_groups(circuit, sparse, dense, rows: list[dict], key, directory: Path, stem: str) -> dict:
+    """The figures of each group of ``rows`` (``key(row)``; each group's prompts a task file of its own)."""
+    out = {}
+    for group in sorted({key(row) for row in rows}):
+        path = write_task_file([row for row in rows if key(row) == group], directory / f"{stem}-{group}.jsonl")
+        out[group] = measure_file(circuit, sparse, dense, path)
+    return out
+
+
 def measure_set(circuit, sparse, dense, rows: list[dict], directory: Path, stem: str) -> dict:
-    """The set's figures per answer (each answer's prompts a task file of its own) and pooled."""
-    by_answer = {}
-    for answer in sorted({row["answer"] for row in rows}, key=lambda a: ANSWER_NAMES[a]):
-        chosen = [row for row in rows if row["answer"] == answer]
-        path = write_task_file(chosen, directory / f"{stem}-{len(by_answer)}.jsonl")
-        by_answer[ANSWER_NAMES[answer]] = measure_file(circuit, sparse, dense, path)
+    """The set's figures per answer and pooled; for quote prompts cut from code, also by the quote character
+    before the string (``_before``: same, other, none)."""
+    by_answer = measure_groups(circuit, sparse, dense, rows, lambda row: ANSWER_NAMES[row["answer"]], directory,
+                               f"{stem}-answer")
     lengths = [len(row["prompt"].encode()) for row in rows]
-    return {"all": pooled(list(by_answer.values())), "by_answer": by_answer,
-            "mean_bytes": sum(lengths) / len(lengths)}
+    out = {"all": pooled(list(by_answer.values())), "by_answer": by_answer, "mean_bytes": sum(lengths) / len(lengths)}
+    if all("_before" in row for row in rows):
+        out["by_before"] = measure_groups(circuit, sparse, dense, rows, lambda row: row["_before"], directory,
+                                          f"{stem}-before")
+    return out
 
 
 def held_out_check(sparse, root: Path, validation: list[tuple[str, Path]]) -> dict:
@@ -389,6 +408,18 @@ def print_report(out: dict) -> None:
         print()
     print("agree: fraction of prompts on which the circuit and that model prefer the same answer; "
           "* fewer than 32 prompts; bytes: mean prompt length")
+    for task, sets in out["tasks"].items():
+        split = {name: result["by_before"] for name, result in sets.items() if "by_before" in result}
+        if split:
+            print(f"\n{task}, by the last quote character before the string's opening quote (same kind, the other "
+                  "kind, none in the prompt):")
+            print(f"{'prompts':>14} {'before':>7} {'n':>4} | {'sparse acc':>10} {'dense acc':>9} {'circuit acc':>11} | "
+                  f"{'agree sparse':>12} {'dense':>5}")
+            for name, groups in split.items():
+                for group, r in groups.items():
+                    print(f"{name:>14} {group:>7} {r['n']:>4} | {r['sparse_acc']:>10.3f} {r['dense_acc']:>9.3f} "
+                          f"{r['circuit_acc']:>11.3f} | {r['agree_sparse']:>12.3f} {r['agree_dense']:>5.3f}")
+    print()
     for task, sets in out["tasks"].items():
         for name, result in sets.items():
             if name != "template":

@@ -49,6 +49,8 @@ def test_quote_cuts(bench):
         (SOURCE[:SOURCE.index("\\d'") + 2], "'", '"', "snippet.py:5:17"),
     ]  # '' (empty) and """doc""" (triple-quoted) are not cut
     assert all(r["split"] == "heldout" for r in rows)
+    # the last quote character before each string's opening quote (not written to task files)
+    assert [r["_before"] for r in rows] == ["none", "other", "same", "other"]
 
 
 def test_bracket_cuts(bench):
