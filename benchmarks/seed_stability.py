@@ -6,8 +6,9 @@ the mask search may keep other nodes that do the same job. This script runs
 one task under seeds 0..K-1 and reports
 
 * per seed: nodes, edges, held-out loss and accuracy (``header["metrics"]``:
-  the same 256 held-out prompts for every seed), whether the target is met,
-  and the extraction's seconds;
+  the same 256 held-out prompts for every seed), whether the target is met
+  there, the nodes bisection alone kept (before the greedy step), and the
+  extraction's seconds;
 * the spread of sizes: mean, standard deviation (n - 1), min, max, and
   max / min;
 * the overlap of the node sets: Jaccard |A ∩ B| / |A ∪ B| for every pair of
@@ -158,6 +159,7 @@ def run(loaded, task, seeds: list[int], out_dir: Path, *, target=None, pipeline=
         assert len(nodes[seed]) == circuit.n_nodes and len(edges[seed]) == circuit.n_edges
         per_seed[seed] = {"nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": claims.loss,
                           "accuracy": circuit.header.get("metrics", {}).get("accuracy"),
+                          "bisect_nodes": circuit.header.get("metrics", {}).get("bisect_nodes"),
                           "target": claims.target_loss, "met": claims.loss <= claims.target_loss,
                           "seconds": got["seconds"], "cached": got["cached"],
                           "file": str(out_dir / f"seed{seed}.cir")}
@@ -186,12 +188,14 @@ def print_report(out: dict) -> None:
     seeds = out["seeds"]
     print(f"{out['task']} on {out['model']} ({out['model_sha256'][:12]}), {len(seeds)} seeds")
     print(f"pipeline: {out['pipeline']}")
-    print(f"{'seed':>5} {'nodes':>6} {'edges':>6} {'loss':>7} {'acc':>6} {'met':>4} {'sec':>6}")
+    print(f"{'seed':>5} {'nodes':>6} {'edges':>6} {'loss':>7} {'acc':>6} {'met':>4} {'bisect':>7} {'sec':>6}")
     for seed in seeds:
         r = out["per_seed"][seed]
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         print(f"{seed:>5} {r['nodes']:>6} {r['edges']:>6} {r['loss']:>7.4f} {r['accuracy']:>6.3f} "
-              f"{'yes' if r['met'] else 'NO':>4} {seconds:>6}")
+              f"{'yes' if r['met'] else 'NO':>4} {str(r['bisect_nodes'] or '-'):>7} {seconds:>6}")
+    print("(loss, acc: held-out, 256 prompts; met: held-out loss <= target; bisect: nodes after bisection alone, "
+          "before the greedy step)")
     for key in ("nodes", "edges", "loss"):
         s = out["spread"][key]
         digits = 4 if key == "loss" else 1
