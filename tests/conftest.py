@@ -115,6 +115,18 @@ def bracket_model(tmp_path_factory, tiny_corpus):
                 f"(last held-out loss {metrics['tasks']['bracket_brace']['loss']:.3f})")
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cli(*argv) -> tuple[int, str, str]:
     """Run ``circuitir ARGV`` in this process: (exit code, stdout, stderr). Usable in any fixture scope."""
     import contextlib

@@ -11,30 +11,24 @@ must agree with the model to float precision: a check of how the script reads th
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import load_benchmark, tiny_config
 from circuitir.ir.circuit import Circuit
 from circuitir.ir.trace import trace
 from circuitir.models.checkpoint import LoadedModel
 from circuitir.models.gpt import SparseGPT
 from circuitir.models.tokenizer import ByteTokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "context_dilution.py"
 OPEN, CLOSE, NEWLINE = ord("["), ord("]"), ord("\n")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("context_dilution", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("context_dilution")
 
 
 def averaging_bracket_model() -> SparseGPT:
