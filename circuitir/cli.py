@@ -752,7 +752,8 @@ def cmd_bridge_train(args) -> int:
 def cmd_bridge_eval(args) -> int:
     from circuitir.runtime.steer import bridge_eval
 
-    result = bridge_eval(args.bridged, args.dense, task_name(args, required=False), args.n, args.windows)
+    result = bridge_eval(args.bridged, args.dense, task_name(args, required=False), args.n, args.windows,
+                         device=args.device)
     if args.json:
         print_json(result)
         return 0
@@ -784,7 +785,8 @@ def cmd_steer(args) -> int:
     strengths = parse_strengths(args.strength)
     if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
         raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
-    result = steer(args.bridged, args.dense, task_name(args), args.node, strengths, args.circuit, args.n, args.seed)
+    result = steer(args.bridged, args.dense, task_name(args), args.node, strengths, args.circuit, args.n, args.seed,
+                   device=args.device)
     if args.plot:
         plot_steering(result, args.plot)
     if args.json:
@@ -806,7 +808,7 @@ def cmd_steer(args) -> int:
 def cmd_bridge_explain(args) -> int:
     from circuitir.runtime.steer import explain
 
-    result = explain(args.bridged, args.dense, args.circuit, args.n, args.seed)
+    result = explain(args.bridged, args.dense, args.circuit, args.n, args.seed, device=args.device)
     if args.json:
         print_json(result)
         return 0
@@ -1118,6 +1120,7 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("-n", type=int, default=256, help="task prompts [default: 256]")
     p.add_argument("--windows", type=int, default=32, help="validation windows [default: 32]")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_device_option(p)
     p.set_defaults(run=cmd_bridge_eval)
 
     p = bsub.add_parser("explain", help="a circuit of the bridged sparse model, decoded into the dense model",
@@ -1130,6 +1133,7 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("-n", type=int, default=256, help="held-out prompts [default: 256]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_device_option(p)
     p.set_defaults(run=cmd_bridge_explain)
 
     p = sub.add_parser("steer", help="steer the dense model along a sparse channel through the bridge",
@@ -1150,6 +1154,7 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="draw the curves (.png/.pdf/.svg, matplotlib)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_device_option(p)
     p.set_defaults(run=cmd_steer)
 
 

@@ -141,3 +141,11 @@ def cli(*argv) -> tuple[int, str, str]:
         except SystemExit as exc:  # argparse's own errors
             code = exc.code
     return code, out.getvalue(), err.getvalue()
+
+
+def refused_on_cuda(commands: dict) -> None:
+    """Each command (name -> argv) with ``--device cuda`` on a machine without a GPU: one line, exit 2."""
+    for name, argv in commands.items():
+        code, stdout, err = cli(*argv, "--device", "cuda")
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (name, err)
+        assert "torch sees no CUDA GPU" in err and "Traceback" not in err

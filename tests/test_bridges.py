@@ -23,6 +23,8 @@ from circuitir.models.checkpoint import load_model, save_checkpoint
 from circuitir.models.tokenizer import ByteTokenizer
 from circuitir.runtime.steer import parse_strengths, steered_graph
 
+from conftest import cli, refused_on_cuda
+
 BLOCK = 128  # task prompts (single_double_quote) fit
 
 
@@ -406,3 +408,48 @@ def test_bridge_train_interrupted_leaves_no_partial_file(tmp_path, pair, sig, co
     assert [p.name for p in tmp_path.iterdir() if ".part" in p.name or p.name.startswith(".")] == []
     if out.exists():  # a periodic checkpoint
         assert torch.load(out, weights_only=True)["bridge_recipe"]["steps"] == 1000000
+
+
+@pytest.fixture
+def bridged_for_circuits(tmp_path, make_model, tiny_corpus):
+    """A bridged checkpoint whose sparse model has the zero positional embedding circuits need."""
+    dense, sparse = tmp_path / "dense.pt", tmp_path / "sparse.pt"
+    write_model(dense, make_model(seed=1, block_size=BLOCK), tiny_corpus)
+    model = make_model(seed=2, block_size=BLOCK, d_model=12)
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+    write_model(sparse, model, tiny_corpus)
+    out = tmp_path / "bridged.pt"
+    train_bridges(str(dense), str(out), str(sparse), recipe(), progress=False)
+    return dense, out
+
+
+def device_commands(bridged, tmp_path) -> dict:
+    """bridge eval, bridge explain and steer: the bridge commands that run the models (training aside)."""
+    dense, out = bridged
+    circuit = tmp_path / "sparse.cir"
+    pipeline = ("trace, mean-ablate{tokens=1024}, prune{target=2,steps=4,prompts=8,select=8,greedy=false}, "
+                "lower, fold-constants, dce")
+    code, _, err = cli("extract", out, "--task", "quotes", "-o", circuit, "--pipeline", pipeline)
+    assert code == 0, err
+    return {
+        "bridge eval": ["bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", 8, "--windows", 2],
+        "bridge explain": ["bridge", "explain", out, "--dense", dense, "--circuit", circuit, "-n", 8],
+        "steer": ["steer", out, "--dense", dense, "--task", "quotes", "--node", "1.attn.act_in[3]",
+                  "--strength", "0,1", "-n", 6, "--plot", tmp_path / "steer.png"],
+    }
+
+
+def test_bridge_commands_take_device_cpu_with_the_same_numbers(bridged_for_circuits, tmp_path):
+    for name, argv in device_commands(bridged_for_circuits, tmp_path).items():
+        code, plain, err = cli(*argv, "--json")
+        assert code == 0, (name, err)
+        code, on_cpu, err = cli(*argv, "--json", "--device", "cpu")
+        assert code == 0, (name, err)
+        assert json.loads(on_cpu) == json.loads(plain), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bridge_commands_device_cuda_without_a_gpu_is_one_line_before_any_work(bridged_for_circuits, tmp_path):
+    refused_on_cuda(device_commands(bridged_for_circuits, tmp_path))
+    assert not (tmp_path / "steer.png").exists()

@@ -256,3 +256,38 @@ def test_tiktoken_downloads_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[258]"
+
+
+def test_every_built_in_task_is_measurable_under_a_bpe(tmp_path):
+    # Their answers are single characters, one byte token each under any data-gym BPE: none collide.
+    from circuitir.tasks import TASKS
+    write_bpe(tmp_path / "tok")
+    tokenizer = DataGymTokenizer(tmp_path / "tok")
+    for task in TASKS.values():
+        task.check_tokenizer(tokenizer)
+
+
+def test_a_built_in_task_whose_answers_collide_under_the_bpe_is_one_line(tmp_path, capsys, monkeypatch):
+    """A task whose answers start with the same BPE token ("self" and "self.x" are both [self] first) is
+    refused before any work by every command that measures it: one line naming the answers and the token."""
+    import random
+
+    from circuitir.tasks import TASKS, Task, pair
+
+    def make_pair(rng: random.Random):
+        name = f"v{rng.randrange(10 ** 6)}"
+        return pair((f"x = {name}\n", "self", ""), (f"y = {name}\n", "self.x", ""))
+
+    monkeypatch.setitem(TASKS, "selfish", Task("selfish", "self or self.x", make_pair))
+    model, config = released(tmp_path, vocab_size=300, block_size=64)
+    write_openai_release(tmp_path / "csp", model, openai_config_json(config))
+    write_bpe(tmp_path / "tok")
+    tok = str(tmp_path / "tok")
+    for argv in (["eval", str(tmp_path / "csp"), "--task", "selfish", "--tokenizer", tok],
+                 ["extract", str(tmp_path / "csp"), "--task", "selfish", "--tokenizer", tok,
+                  "-o", str(tmp_path / "c.cir")]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "task selfish: answers 'self' and 'self.x' both start with the token 'self'" in err
+    assert not (tmp_path / "c.cir").exists()

@@ -10,7 +10,7 @@ import torch
 from circuitir.grammar import parse
 from circuitir.models.checkpoint import load_model
 
-from conftest import cli
+from conftest import cli, refused_on_cuda
 
 PIPELINE = "trace, mean-ablate{tokens=4096}, prune{target=%s,steps=60,prompts=64,select=48}, lower, fold-constants, dce"
 
@@ -236,8 +236,114 @@ def test_commands_that_run_a_model_take_device(setup, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_one_line_before_any_work(setup, tmp_path):
-    for name, argv in device_commands(setup, tmp_path).items():
-        code, stdout, err = cli(*argv, "--device", "cuda")
-        assert code == 2 and stdout == "" and err.count("\n") == 1, (name, err)
-        assert "torch sees no CUDA GPU" in err and "Traceback" not in err
+    refused_on_cuda(device_commands(setup, tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- OpenAI's layout with a BPE tokenizer
+
+@pytest.fixture(scope="module")
+def bpe_release(tmp_path_factory):
+    """The shipped sparse model (bytes, it does single_double_quote) as an OpenAI release whose config names
+    tinypython_2k, with a small data-gym BPE beside nothing: the tokenizer is its own directory.
+
+    The BPE numbers bytes in GPT-2's order, not by value ('"' is token 1, "'" token 6), so each of the
+    release's token rows (embedding, unembedding, logit bias) is the byte model's row of the token's first
+    byte: the model only does the task when prompts and answers are encoded by the BPE, merges and all."""
+    import dataclasses
+    from pathlib import Path
+
+    from test_openai_checkpoint import openai_config_json, write_bpe, write_openai_release
+
+    from circuitir.models.gpt import SparseGPT
+
+    root = tmp_path_factory.mktemp("bpe")
+    ids = write_bpe(root / "tok")
+    byte_model = load_model(Path(__file__).parent.parent / "models" / "sparse.pt")
+    config = dataclasses.replace(byte_model.config, vocab_size=len(ids) + 1)
+    first_byte = torch.tensor([token[0] for token in sorted(ids, key=ids.get)] + [0])  # <|endoftext|>: byte 0
+    rows = ("transformer.wte.weight", "lm_head.weight", "final_logits_bias")
+    state = {k: v[first_byte].clone() if k in rows else v for k, v in byte_model.model.state_dict().items()}
+    model = SparseGPT(config).eval()
+    model.load_state_dict(state)
+    write_openai_release(root / "csp_bpe", model, openai_config_json(config))
+    return {"root": root, "release": root / "csp_bpe", "tok": root / "tok", "config": config, "ids": ids}
+
+
+BPE_PIPELINE = ("trace, mean-ablate{tokens=2048}, prune{target=0.4,steps=30,prompts=32,select=32,greedy=false}, "
+                "lower, fold-constants, dce")
+
+
+def test_the_openai_workflow_with_a_bpe_tokenizer(bpe_release):
+    """extract single_double_quote from a release in OpenAI's layout with a tinypython_2k-style BPE, import
+    OpenAI's circuit (viz_data.pt) for the same model and task, diff the two: the same circuit is equal,
+    one with a node fewer is not."""
+    from test_openai_checkpoint import openai_config_json
+
+    root, release, tok, ids = bpe_release["root"], bpe_release["release"], bpe_release["tok"], bpe_release["ids"]
+    code, stdout, err = cli("eval", release, "--task", "single_double_quote", "--tokenizer", tok, "-n", 128, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["loss"] < 0.3  # learnt, through the BPE (chance is 0.69)
+
+    ours = root / "ours.cir"
+    code, stdout, err = cli("extract", release, "--task", "single_double_quote", "--tokenizer", tok, "-o", ours,
+                            "--pipeline", BPE_PIPELINE, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["loss"] <= 0.4 and summary["nodes"] > 0
+    extracted = parse(ours.read_text(), str(ours))
+    spec = extracted.header["source"]["tokenizer"]
+    assert spec["kind"] == "data_gym" and spec["name"] == "tinypython_2k" and len(spec["sha256"]) == 64
+    assert extracted.header["source"]["file"] == "final_model.pt"
+    assert extracted.header["task"]["candidates"] == "'\"' \"'\""
+    assert sorted(extracted.candidates) == sorted([ids[b'"'], ids[b"'"]]) == [1, 6]  # BPE ids, not bytes 34, 39
+    assert extracted.n_nodes == summary["nodes"] and extracted.n_edges == summary["edges"]
+
+    kept: dict[str, list[int]] = {}
+    for node in extracted.kept_nodes():
+        kept.setdefault(node.site, []).append(node.index)
+    raw_config = openai_config_json(bpe_release["config"])
+    viz = write_viz(root, viz_payload(kept, raw_config), "single_double_quote")
+    theirs = root / "openai.cir"
+    code, stdout, err = cli("import-viz", viz, "--model", release, "--tokenizer", tok, "-o", theirs,
+                            "--mean-tokens", 2048, "--json")
+    assert code == 0, err
+    imported_summary = json.loads(stdout)
+    imported = parse(theirs.read_text(), str(theirs))
+    assert imported_summary["dropped_nodes"] == 0
+    assert imported.kept_nodes() == extracted.kept_nodes()
+    assert (imported.n_nodes, imported.n_edges) == (extracted.n_nodes, extracted.n_edges)
+    assert imported.header["source"]["tokenizer"] == spec and imported.header["task"]["name"] == "single_double_quote"
+    assert imported_summary["loss"] == pytest.approx(summary["loss"], abs=1e-5)
+
+    code, stdout, err = cli("diff", theirs, ours, "--model", release, "--tokenizer", tok, "--task",
+                            "single_double_quote", "-n", 32, "--ignore-header", "--json")
+    assert code == 0, err
+    diff = json.loads(stdout)
+    assert diff["equal"] and diff["structural"]["equal"]
+    assert diff["behavioural"]["n"] == 32 and diff["behavioural"]["predictions_differ"] == 0
+    assert diff["behavioural"]["max_abs_logit_diff"] == 0.0
+    assert diff["behavioural"]["a"] == diff["behavioural"]["b"]
+    # Headers differ (OpenAI's losses against extract's metrics), so without --ignore-header they are not equal.
+    code, stdout, err = cli("diff", theirs, ours, "--json")
+    assert code == 1 and {row["key"] for row in json.loads(stdout)["structural"]["header"]} >= {
+        "openai.loss", "metrics.target_loss", "pipeline"}
+
+    # OpenAI's circuit without one of the final residual channels: that node is mean-ablated there.
+    site = "final_resid"
+    dropped = max(kept[site])
+    fewer = {**kept, site: [i for i in kept[site] if i != dropped]}
+    viz = write_viz(root, viz_payload(fewer, raw_config), "fewer/single_double_quote")
+    smaller = root / "openai-fewer.cir"
+    code, _, err = cli("import-viz", viz, "--model", release, "--tokenizer", tok, "-o", smaller,
+                       "--mean-tokens", 2048)
+    assert code == 0, err
+    assert parse(smaller.read_text(), str(smaller)).n_nodes == extracted.n_nodes - 1
+    code, stdout, err = cli("diff", ours, smaller, "--model", release, "--tokenizer", tok, "--task",
+                            "single_double_quote", "-n", 32, "--ignore-header", "--json")
+    assert code == 1, err
+    diff = json.loads(stdout)
+    nodes = diff["structural"]["nodes"]
+    assert nodes["changed"] == [{"node": f"{site}[{dropped}]", "attribute": "kind", "a": "kept", "b": "const"}]
+    assert nodes["added"] == nodes["removed"] == [] and not diff["equal"]
+    assert diff["behavioural"]["max_abs_logit_diff"] > 0

@@ -39,7 +39,7 @@ MAX_TABLE_VALUES = 1 << 26    # float32 values in all tables together (256 MB): 
 MAX_GRAPH_WORK = 1 << 23       # residual writes x reads + outputs x (nodes + edges): the checks' graph
 MAX_COMPILED_VALUES = 1 << 26  # float32 values in the compiled circuit's tables and weight matrices (256 MB)
 
-TOKENIZER_KINDS = ("bytes", "tiktoken")
+TOKENIZER_KINDS = ("bytes", "tiktoken", "data_gym")
 NORM_MODES = ("live", "frozen")
 ABLATION_KINDS = ("mean", "zero", "resample")
 
@@ -180,8 +180,10 @@ def check_header(header: dict, fail) -> None:
 
 
 def check_tokenizer(spec, fail) -> None:
-    """``source.tokenizer``: a table (``kind = "bytes"`` or ``"tiktoken"``, ``path``, ``eot_token``), or a
-    string describing the vocabulary in words (run then reads prompts as token ids)."""
+    """``source.tokenizer``: a table (``kind = "bytes"``; ``"tiktoken"`` with ``path``, ``eot_token``;
+    ``"data_gym"`` with ``name``, ``dir``, ``sha256``: OpenAI's vocab.bpe + encoder.json BPE, as a circuit
+    extracted from a released model records it), or a string describing the vocabulary in words (run then
+    reads prompts as token ids)."""
     path = ("source", "tokenizer")
     if isinstance(spec, str):
         return
@@ -200,3 +202,13 @@ def check_tokenizer(spec, fail) -> None:
         if not is_int(eot) or not 0 <= eot < MAX_VOCAB:
             fail(path + ("eot_token",), f"header: source.tokenizer.eot_token must be a whole number in "
                                         f"[0, {MAX_VOCAB}), got {show(eot)}")
+    if kind == "data_gym":
+        for key, what in (("name", "the BPE's name, such as \"tinypython_2k\""),
+                          ("dir", "the directory that held vocab.bpe and encoder.json")):
+            if key in spec and not isinstance(spec[key], str):
+                fail(path + (key,), f"header: source.tokenizer.{key} ({what}) must be a string, got {show(spec[key])}")
+        digest = spec.get("sha256")
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            fail(path + ("sha256",), f"header: source.tokenizer.sha256 must be 64 lowercase hex digits (the "
+                                     f"tokenizer files' SHA-256), got {show(digest)}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from circuitir.errors import UserError
 from circuitir.ir.bridge import hybrid, residuals
-from circuitir.ir.masked import _copy
+from circuitir.ir.masked import _copy, device_of
 from circuitir.ir.trace import trace
 from circuitir.models.bridges import kl_divergence, load_bridged, nmse
 from circuitir.tasks.evaluate import binary_loss, candidate_logits, encode_examples
@@ -53,6 +53,21 @@ def validation_windows(loaded, windows: int = 32) -> torch.Tensor:
     return torch.stack([tokens[s:s + block + 1] for s in starts])
 
 
+def load_models(bridged_path, dense_path, device=None) -> tuple:
+    """(dense LoadedModel, sparse LoadedModel, Bridges), each moved once to ``device`` (``--device``; None
+    leaves them on the CPU). Everything computed from them is made on their device and comes back as
+    Python numbers."""
+    from circuitir.models.checkpoint import load_model
+    dense = load_model(dense_path)
+    sparse, bridges = load_bridged(bridged_path, dense)
+    if device is not None:
+        from circuitir.models.device import resolve_device
+        where = resolve_device(device)
+        for module in (dense.model, sparse.model, bridges):
+            module.to(where)
+    return dense, sparse, bridges
+
+
 def _lm_loss(logits, targets) -> float:
     return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
@@ -63,15 +78,14 @@ def _task_loss(model, task, tokenizer, n: int, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256, windows: int = 32) -> dict:
-    from circuitir.models.checkpoint import load_model
+def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256, windows: int = 32,
+                device=None) -> dict:
     from circuitir.tasks import check_task_tokens, get_task
-    dense = load_model(dense_path)
-    sparse, bridges = load_bridged(bridged_path, dense)
+    dense, sparse, bridges = load_models(bridged_path, dense_path, device)
     task_obj = get_task(task) if task else None
     check_task_tokens([task_obj] if task_obj else [], dense.tokenizer)
     dense_ir, sparse_ir = trace(dense.model), trace(sparse.model)
-    batch = validation_windows(dense, windows)
+    batch = validation_windows(dense, windows).to(device_of(dense.model))
     idx, targets = batch[:, :-1], batch[:, 1:]
     dense_logits, dense_h = residuals(dense_ir)(idx)
     sparse_logits, sparse_h = residuals(sparse_ir)(idx)
@@ -189,11 +203,9 @@ def steered_graph(dense_ir, point: str, delta: torch.Tensor):
 
 @torch.no_grad()
 def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list[float],
-          circuit_path: str | None = None, n: int = 64, seed: int = 0) -> dict:
-    from circuitir.models.checkpoint import load_model
+          circuit_path: str | None = None, n: int = 64, seed: int = 0, device=None) -> dict:
     from circuitir.tasks import check_task_tokens, get_task
-    dense = load_model(dense_path)
-    sparse, bridges = load_bridged(bridged_path, dense)
+    dense, sparse, bridges = load_models(bridged_path, dense_path, device)
     task_obj = get_task(task)
     check_task_tokens([task_obj], dense.tokenizer)
     if node is None and circuit_path is None:
@@ -223,21 +235,24 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
     tok = dense.tokenizer
     actual = encode_examples(task_obj, [a for a, _ in pairs], tok, dense.config.block_size)
     counter = encode_examples(task_obj, [b for _, b in pairs], tok, dense.config.block_size)
+    where = device_of(dense.model)
+    tokens, last = actual.tokens.to(where), actual.last.to(where)
+    correct, alternative = actual.correct.to(where), actual.alternative.to(where)
     dense_ir, sparse_ir = trace(dense.model), trace(sparse.model)
-    _, sparse_h = residuals(sparse_ir)(actual.tokens)
-    _, sparse_h_cf = residuals(sparse_ir)(counter.tokens)
-    _, dense_h = residuals(dense_ir)(actual.tokens)
+    _, sparse_h = residuals(sparse_ir)(tokens)
+    _, sparse_h_cf = residuals(sparse_ir)(counter.tokens.to(where))
+    _, dense_h = residuals(dense_ir)(tokens)
     s_norm, d_norm = sparse.model.norms()[point], dense.model.norms()[point]
     reads_actual, reads_cf = s_norm(sparse_h[point]), s_norm(sparse_h_cf[point])
-    cols = torch.tensor(channels)
+    cols = torch.tensor(channels, device=where)
     delta_act = reads_cf[..., cols] - reads_actual[..., cols]                  # (N, T, C)
-    valid = (torch.arange(actual.tokens.shape[1])[None, :] <= actual.last[:, None]).float()[..., None]
+    valid = (torch.arange(tokens.shape[1], device=where)[None, :] <= last[:, None]).float()[..., None]
     delta_act = delta_act * valid                                              # padding positions: no change
     rms_ratio = s_norm.inverse_scale(sparse_h[point]).reciprocal() * d_norm.inverse_scale(dense_h[point])
     back = delta_act / s_norm.weight[cols]                                     # Δ sparse residual / rms_s
     delta = (back @ bridges.decoder(point).weight[:, cols].T) * rms_ratio * d_norm.weight  # (N, T, d_dense)
     generator = torch.Generator().manual_seed(seed + 12345)
-    direction = torch.randn(delta.shape[-1], generator=generator)
+    direction = torch.randn(delta.shape[-1], generator=generator).to(where)  # drawn on the CPU: same on any device
     direction = direction / direction.norm()
     random_delta = direction * delta.norm(dim=-1, keepdim=True)
     rows = {}
@@ -246,9 +261,9 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
         rows[name] = []
         for strength in strengths:
             graph.steer_strength.fill_(strength)
-            at_last = graph(actual.tokens)[torch.arange(len(pairs)), actual.last].float().softmax(-1)
-            p_correct = at_last.gather(-1, actual.correct[:, None])[:, 0]
-            p_other = at_last.gather(-1, actual.alternative[:, None])[:, 0]
+            at_last = graph(tokens)[torch.arange(len(pairs), device=where), last].float().softmax(-1)
+            p_correct = at_last.gather(-1, correct[:, None])[:, 0]
+            p_other = at_last.gather(-1, alternative[:, None])[:, 0]
             rows[name].append({"strength": strength, "p_correct": float(p_correct.mean()),
                                "p_other": float(p_other.mean()),
                                "other_wins": float((p_other > p_correct).float().mean())})
@@ -300,11 +315,12 @@ def contrast_channels(sparse_model, task, point: str, channels: list[int] | None
     counter = encode_examples(task, [b for _, b in pairs], tok, sparse_model.config.block_size)
     ir = trace(sparse_model)
     norm = sparse_model.norms()[point]
-    rows = torch.arange(len(pairs))
-    reads = norm(residuals(ir)(actual.tokens)[1][point])[rows, actual.last]
-    reads_cf = norm(residuals(ir)(counter.tokens)[1][point])[rows, counter.last]
+    where = device_of(sparse_model)
+    rows = torch.arange(len(pairs), device=where)
+    reads = norm(residuals(ir)(actual.tokens.to(where))[1][point])[rows, actual.last.to(where)]
+    reads_cf = norm(residuals(ir)(counter.tokens.to(where))[1][point])[rows, counter.last.to(where)]
     # orient by the answer: + when the prompt's answer is the first candidate's token
-    sign = torch.where(actual.correct == actual.correct[0], 1.0, -1.0)[:, None]
+    sign = torch.where(actual.correct == actual.correct[0], 1.0, -1.0)[:, None].to(where)
     score = ((reads_cf - reads) * sign).mean(0).abs() / reads.std(0).clamp_min(1e-6)
     chosen = channels if channels is not None else range(reads.shape[-1])
     ranked = sorted(({"channel": c, "score": float(score[c])} for c in chosen), key=lambda r: -r["score"])
@@ -314,7 +330,7 @@ def contrast_channels(sparse_model, task, point: str, channels: list[int] | None
 # ---------------------------------------------------------------- explaining the dense model
 
 @torch.no_grad()
-def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0) -> dict:
+def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0, device=None) -> dict:
     """What a circuit of the bridged sparse model says about the dense model, per boundary.
 
     The sparse model masked to the circuit (``ir/masked.py``: every other channel takes the circuit's
@@ -327,12 +343,10 @@ def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0)
     from circuitir.ir.ablation import fills_for
     from circuitir.ir.masked import mask_graph
     from circuitir.ir.trace import GraphIR
-    from circuitir.models.checkpoint import load_model
     from circuitir.passes.ablate import declared_means
     from circuitir.runtime.check import circuit_mask, complement
     from circuitir.tasks import get_task
-    dense = load_model(dense_path)
-    sparse, bridges = load_bridged(bridged_path, dense)
+    dense, sparse, bridges = load_models(bridged_path, dense_path, device)
     circuit = load(circuit_path)
     provenance = circuit.provenance
     source = provenance.model_sha256
@@ -352,7 +366,8 @@ def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0)
         module = mask_graph(sparse_ir, fills, mask)
         return GraphIR(module, sparse_ir.sites, sparse_ir.nonzeros, sparse_ir.norms)
 
-    dense_pairs = candidate_logits(dense.model(batch.tokens), batch)
+    tokens = batch.tokens.to(device_of(dense.model))
+    dense_pairs = candidate_logits(dense.model(tokens), batch)
     out = {"task": task.name, "n": len(batch), "circuit_nodes": circuit.n_nodes,
            "dense_task_loss": float(binary_loss(dense_pairs)), "boundaries": []}
     circuit_ir, ablated_ir = masked_ir(keep), masked_ir(complement(keep))
@@ -360,7 +375,7 @@ def explain(bridged_path, dense_path, circuit_path, n: int = 256, seed: int = 0)
         decoder = bridges.decoder(point)
         row = {"boundary": point}
         for name, graph_ir in (("circuit", circuit_ir), ("ablated", ablated_ir), ("sparse", sparse_ir)):
-            pairs = candidate_logits(hybrid(graph_ir, dense_ir, point, decoder)(batch.tokens), batch)
+            pairs = candidate_logits(hybrid(graph_ir, dense_ir, point, decoder)(tokens), batch)
             row[f"{name}_task_loss"] = float(binary_loss(pairs))
             row[f"{name}_agreement"] = float(((pairs[:, 0] > pairs[:, 1]) == (dense_pairs[:, 0] > dense_pairs[:, 1]))
                                              .float().mean())

@@ -57,6 +57,23 @@ class Task:
                 out.append(example)
         return out[:n]
 
+    def check_tokenizer(self, tokenizer, n: int = 64) -> None:
+        """Refuse, before any work, a task whose two answers start with the same token under ``tokenizer``
+        (on the first ``n`` examples of each split: every answer pair a built-in task has)."""
+        for split in SPLITS:
+            for example in self.examples(split, n, seed=0):
+                refuse_colliding_answers(self.name, example, tokenizer)
+
+
+def refuse_colliding_answers(name: str, example: Example, tokenizer) -> None:
+    """One line if the example's answer and alternative start with the same token: the task compares the
+    two first tokens, so it cannot be measured under this tokenizer."""
+    good, bad = tokenizer.encode(example.correct)[:1], tokenizer.encode(example.alternative)[:1]
+    if good and good == bad:
+        raise UserError(f"task {name}: answers {example.correct!r} and {example.alternative!r} both start with "
+                        f"the token {tokenizer.token_str(good[0])!r} under this model's tokenizer, so the task "
+                        "cannot be measured on it")
+
 
 def split_of(prompt: str) -> str:
     digest = hashlib.sha256(prompt.encode()).digest()
@@ -180,10 +197,10 @@ register(Task("bracket_brace", "close an open `(` with `)` and an open `[` with 
 
 
 def check_task_tokens(tasks, tokenizer) -> None:
-    """A task file whose answers collide under the model's tokenizer says which lines, before any work."""
+    """A task whose answers collide under the model's tokenizer says so before any work (a task file, which
+    lines)."""
     for task in tasks:
-        if hasattr(task, "check_tokenizer"):
-            task.check_tokenizer(tokenizer)
+        task.check_tokenizer(tokenizer)
 
 
 def get_task(name: str) -> Task:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitir.errors import UserError
-from circuitir.tasks import Example, Task
+from circuitir.tasks import Example, Task, refuse_colliding_answers
 
 
 @dataclass
@@ -39,10 +39,7 @@ def encode_examples(task: Task, examples: list[Example], tokenizer, block_size: 
             raise UserError(f"task {task.name}: a prompt is {len(tokens)} tokens, longer than the model's "
                             f"context of {block_size}; use a model with a larger block_size")
         good, bad = first_token(tokenizer, example.correct), first_token(tokenizer, example.alternative)
-        if good == bad:
-            raise UserError(f"task {task.name}: answers {example.correct!r} and {example.alternative!r} "
-                            "start with the same token under this model's tokenizer, so the task cannot be "
-                            "measured on it")
+        refuse_colliding_answers(task.name, example, tokenizer)
         rows.append(tokens)
         last.append(len(tokens) - 1)
         correct.append(good)
