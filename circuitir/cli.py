@@ -740,8 +740,10 @@ def cmd_bridge_train(args) -> int:
         check_output_path(args.log, "the log")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from circuitir.models.device import resolve_device
+    device = resolve_device(args.device)
     result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
-                           progress=show_progress(args), log=log_to(args.log))
+                           progress=show_progress(args), log=log_to(args.log), device=device)
     if args.json:
         print_json(result)
     else:
@@ -1108,6 +1110,7 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("--encoder-k", type=int, help="AbsTopK k of the encoders [default: the sparse width]")
     p.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
     training_run_options(p)
+    add_device_option(p)
     p.set_defaults(run=cmd_bridge_train)
 
     p = bsub.add_parser("eval", help="per boundary: NMSE both ways, hybrids' KL and losses",

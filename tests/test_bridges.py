@@ -398,14 +398,16 @@ def test_bridge_train_interrupted_leaves_no_partial_file(tmp_path, pair, sig, co
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "bridge", "train", "--dense", str(dense),
                              "--sparse", str(sparse), "--steps", "1000000", "--batch-size", "2", "-o", str(out),
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
-    time.sleep(10)  # imports done, training under way
+                             "--quiet", "--log", str(tmp_path / "log.jsonl")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.time() + 120
+    while not (tmp_path / "log.jsonl").exists() and time.time() < deadline:  # training under way
+        time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()
     assert err.decode() == f"circuitir bridge: {word}\n"
-    assert [p.name for p in tmp_path.iterdir() if ".part" in p.name or p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []
     if out.exists():  # a periodic checkpoint
         assert torch.load(out, weights_only=True)["bridge_recipe"]["steps"] == 1000000
 
@@ -449,7 +451,20 @@ def test_bridge_commands_take_device_cpu_with_the_same_numbers(bridged_for_circu
         assert json.loads(on_cpu) == json.loads(plain), name
 
 
+def test_bridge_train_on_device_cpu_writes_the_same_bytes(tmp_path, pair):
+    dense, sparse = pair
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    argv = ["bridge", "train", "--dense", dense, "--sparse", sparse, "--steps", "4", "--batch-size", "2", "--quiet"]
+    assert cli(*argv, "-o", a)[0] == 0
+    assert cli(*argv, "-o", b, "--device", "cpu")[0] == 0
+    assert sha(a) == sha(b)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_bridge_commands_device_cuda_without_a_gpu_is_one_line_before_any_work(bridged_for_circuits, tmp_path):
-    refused_on_cuda(device_commands(bridged_for_circuits, tmp_path))
+def test_bridge_commands_device_cuda_without_a_gpu_is_one_line_before_any_work(bridged_for_circuits, tmp_path, pair):
+    dense, sparse = pair
+    refused_on_cuda({**device_commands(bridged_for_circuits, tmp_path),
+                     "bridge train": ["bridge", "train", "--dense", dense, "--sparse", sparse, "--steps", "2",
+                                      "-o", tmp_path / "t.pt"]})
+    assert not (tmp_path / "t.pt").exists()
     assert not (tmp_path / "steer.png").exists()

@@ -22,6 +22,7 @@ normal checkpoint layout (every command loads it as a plain sparse model) plus
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -212,8 +213,11 @@ def _lr_at(step: int, recipe: BridgeRecipe) -> float:
 
 def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None,
                   recipe: BridgeRecipe | None = None, resume: str | None = None, progress: bool = True,
-                  log=None) -> dict:
-    """Fit bridges (``sparse_path``: both models frozen) or train a sparse model jointly with them."""
+                  log=None, device: str = "cpu") -> dict:
+    """Fit bridges (``sparse_path``: both models frozen) or train a sparse model jointly with them.
+
+    Everything is initialised on the CPU (so the seed gives the same start on any device), then moved to
+    ``device``; checkpoints are written from CPU copies, so a file never holds device tensors."""
     from tqdm import tqdm
 
     from circuitir.data.corpus import load_corpus
@@ -264,6 +268,9 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
             nn.init.normal_(param, 0.0, 1.0 / math.sqrt(param.shape[1]), generator=gen)
         else:
             nn.init.zeros_(param)
+    device = torch.device(device)
+    for module in (dense.model, sparse_model, bridges):
+        module.to(device)
     objective = BridgeObjective(dense.model, sparse_model, bridges, live_sparse=recipe.joint)
 
     corpus = load_corpus((dense.meta.get("recipe") or {}).get("corpus"), tokenizer)
@@ -287,7 +294,7 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         start_step, history = int(raw["step"]), list(raw.get("history", []))
     elif recipe.least_squares_init:
         # Several batches (thousands of tokens) so the 129-parameter-per-output fits do not overfit.
-        inputs = torch.cat([batches.get(-1 - i)[0] for i in range(max(1, 64 // recipe.batch_size))])
+        inputs = torch.cat([batches.get(-1 - i)[0] for i in range(max(1, 64 // recipe.batch_size))]).to(device)
         with torch.no_grad():
             _, dense_h, _, sparse_h = objective.residual_streams(inputs)
         bridges.fit_least_squares(dense_h, sparse_h)
@@ -295,11 +302,12 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
     dense_sha = dense.sha256
 
     def checkpoint(step: int, metrics: dict | None = None, final: bool = False) -> str:
-        extra = {} if final else {"optimizer": optimizer.state_dict()}
-        return save_deterministic(out_path, sparse_model, tokenizer, recipe=sparse_meta.get("recipe"),
+        extra = {} if final else {"optimizer": on_cpu(optimizer.state_dict())}
+        model = sparse_model if device.type == "cpu" else copy.deepcopy(sparse_model).cpu()
+        return save_deterministic(out_path, model, tokenizer, recipe=sparse_meta.get("recipe"),
                                corpus=sparse_meta.get("corpus", corpus.describe()), seed=recipe.seed, step=step,
                                history=json.loads(json.dumps(history)), metrics=metrics or sparse_meta.get("metrics", {}), dense=False,
-                               bridge={k: v.detach().clone() for k, v in bridges.state_dict().items()},
+                               bridge={k: v.detach().cpu().clone() for k, v in bridges.state_dict().items()},
                                bridge_config=bridges.config(), bridge_recipe=recipe.to_dict(),
                                dense_sha256=dense_sha, sparse_sha256=sparse_sha, sparse_path=sparse_path,
                                **extra)
@@ -308,7 +316,7 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
                desc="bridge" + (" (joint)" if recipe.joint else ""), unit="step", dynamic_ncols=True)
     started = time.time()
     for step in bar:
-        inputs, targets = batches.get(step)
+        inputs, targets = (t.to(device) for t in batches.get(step))
         lr = _lr_at(step, recipe)
         density = 1.0
         if recipe.joint:
@@ -345,6 +353,17 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         "val_loss": validation_loss(sparse_model, corpus.validation)}
     checkpoint(recipe.steps, metrics, final=True)
     return {"steps": recipe.steps, "last": history[-1] if history else {}}
+
+
+def on_cpu(state):
+    """A (nested) state dict with every tensor on the CPU; on the CPU itself, the same objects."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
 
 
 def save_deterministic(path, model, tokenizer, **meta) -> str:
