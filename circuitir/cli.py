@@ -39,7 +39,8 @@ MAX_COUNT = 10_000_000  # prompts, steps, sequences per step: beyond this a run 
 # option attribute -> (flag, low, high); whole numbers
 COUNTS = {"n": ("-n", 1, MAX_COUNT), "steps": ("--steps", 1, MAX_COUNT), "batch_size": ("--batch-size", 1, MAX_COUNT),
           "threads": ("--threads", 1, 4096), "seed": ("--seed", 0, 2 ** 32 - 1),
-          "windows": ("--windows", 1, MAX_COUNT), "encoder_k": ("--encoder-k", 1, 1 << 20)}
+          "windows": ("--windows", 1, MAX_COUNT), "encoder_k": ("--encoder-k", 1, 1 << 20),
+          "eval_every": ("--eval-every", 1, MAX_COUNT), "keep_every": ("--keep-every", 0, MAX_COUNT)}
 # option attribute -> (flag, low, high, low excluded); finite numbers
 NUMBERS = {"lr": ("--lr", 0.0, 10.0, True), "density": ("--density", 0.0, 1.0, True),
            "task_mix": ("--task-mix", 0.0, 1.0, False), "target_loss": ("--target-loss", 0.0, 100.0, True),
@@ -119,7 +120,7 @@ def cmd_train(args) -> int:
         if args.preset not in PRESETS:
             raise UserError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
         recipe = Recipe(**PRESETS[args.preset].to_dict())
-        for name in ("steps", "batch_size", "lr", "density", "seed", "task_mix", "corpus"):
+        for name in ("steps", "batch_size", "lr", "density", "seed", "task_mix", "corpus", "eval_every"):
             value = getattr(args, name)
             if value is not None:
                 setattr(recipe, name, value)
@@ -144,7 +145,7 @@ def cmd_train(args) -> int:
             log_file.flush()
 
     metrics = train(recipe, args.output, resume=args.resume, progress=show_progress(args), log=log,
-                    device=args.device, dtype=args.dtype)
+                    device=args.device, dtype=args.dtype, keep_every=args.keep_every)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 reports
         return 0
     if args.json:
@@ -864,6 +865,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-mix", type=float, help="fraction of sequences drawn from train-split task text")
     p.add_argument("--corpus", help="directory of .py files [default: this Python's standard library]")
     p.add_argument("--seed", type=int, help="random seed (same seed, same weights)")
+    p.add_argument("--eval-every", type=int, help="steps between validation-loss log lines "
+                                                  "[default: the preset's; small: 1000]")
+    p.add_argument("--keep-every", type=int, default=0, metavar="N",
+                   help="also write a snapshot every N steps beside the output, OUTPUT-stepN.pt, without "
+                        "optimiser state and with its validation loss: pick the one matching another "
+                        "model's loss (the paper compares circuits at equal pretraining loss)")
     training_run_options(p)
     add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

@@ -218,6 +218,8 @@ def test_resuming_a_checkpoint_without_a_recipe(capsys, tmp_path, model):
     (["train", "-o", "x.pt", "--lr", "inf"], "--lr must be a finite number in (0, 10], got inf"),
     (["train", "-o", "x.pt", "--density", "nan"], "--density must be a finite number in (0, 1], got nan"),
     (["train", "-o", "x.pt", "--task-mix", "1.5"], "--task-mix must be a finite number in [0, 1], got 1.5"),
+    (["train", "-o", "x.pt", "--eval-every", "0"], "--eval-every must be a whole number from 1 to 10,000,000, got 0"),
+    (["train", "-o", "x.pt", "--keep-every", "-2"], "--keep-every must be a whole number from 0 to 10,000,000, got -2"),
     (["train", "-o", "x.pt", "--threads", "0"], "--threads must be a whole number from 1 to 4,096, got 0"),
     (["extract", "m.pt", "--task", "quotes", "-o", "x.cir", "--target-loss", "inf"],
      "--target-loss must be a finite number in (0, 100], got inf"),

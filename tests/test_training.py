@@ -210,3 +210,24 @@ def test_train_writes_a_safetensors_model(tmp_path, tiny_corpus):
     assert json.loads(evals[0][1]) == json.loads(evals[1][1])
     code, _, err = cli("train", "-o", tmp_path / "again.pt", "--resume", tmp_path / "m.safetensors")
     assert code == 2 and "no optimiser state" in err and err.count("\n") == 1
+
+
+def test_snapshots_keep_the_run_and_record_their_validation_loss(tmp_path, tiny_corpus, baseline):
+    """--keep-every writes OUT-stepN.pt with that step's weights and loss, and leaves the run unchanged."""
+    from circuitir.models.train import snapshot_path
+
+    out, metrics, records = baseline
+    path = tmp_path / "run.pt"
+    train(tiny_recipe(tiny_corpus), str(path), progress=False, keep_every=2)
+    assert_same_weights(weights(out), weights(path))
+    snapshots = sorted(name for name in os.listdir(tmp_path) if "-step" in name)
+    assert snapshots == ["run-step2.pt", "run-step4.pt"]  # the last step is the output itself
+    assert snapshot_path(path, 4) == tmp_path / "run-step4.pt"
+    for step in (2, 4):
+        raw = torch.load(snapshot_path(path, step), map_location="cpu", weights_only=True)
+        assert raw["step"] == step and "optimizer" not in raw
+        logged = next(r for r in records if r["step"] == step)  # eval_every=1 logs every step
+        assert raw["metrics"]["val_loss"] == logged["val_loss"]
+        assert load_model(snapshot_path(path, step)).meta["step"] == step
+    differing = [k for k, v in weights(snapshot_path(path, 4)).items() if not torch.equal(v, weights(path)[k])]
+    assert differing, "step 4 and step 6 weights should differ"

@@ -19,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -183,13 +184,17 @@ def train_step(model: SparseGPT, optimizer: torch.optim.Optimizer, recipe: Recip
 
 
 def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bool = True,
-          log=None, device: str = "cpu", dtype: str = "float32") -> dict:
+          log=None, device: str = "cpu", dtype: str = "float32", keep_every: int = 0) -> dict:
     """Train per ``recipe`` and write the checkpoint to ``out_path``; returns the final metrics.
 
     ``device``/``dtype``: see :mod:`circuitir.models.device`. Under torchrun every rank runs this with
     the same arguments: each takes its slice of every global batch (``recipe.batch_size`` rows in
     all, so the run equals one process with the same batch, up to float summation order), and only
-    rank 0 evaluates, logs and writes checkpoints (atomically)."""
+    rank 0 evaluates, logs and writes checkpoints (atomically).
+
+    ``keep_every``: also write a snapshot every that many steps to :func:`snapshot_path` (no optimiser
+    state, its validation loss in ``metrics``). Snapshots do not change the run: same weights with or
+    without them."""
     from tqdm import tqdm
 
     from circuitir.models.device import distributed_context, rank_device, resolve_device, resolve_dtype
@@ -261,6 +266,13 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
             history.append(record)
             if log is not None:
                 log(record)
+        if keep_every and done % keep_every == 0 and done != recipe.steps and dist_info.is_main:
+            val = history[-1]["val_loss"] if history and history[-1]["step"] == done else \
+                validation_loss(model, corpus.validation)
+            model.train()
+            save_checkpoint(snapshot_path(out_path, done), model, tokenizer, recipe=recipe.to_dict(),
+                            corpus=corpus.describe(), seed=recipe.seed, step=done, history=history,
+                            metrics={"val_loss": val}, dense=recipe.dense, snapshot_of=str(out_path))
         if done % recipe.checkpoint_every == 0 and done != recipe.steps:
             checkpoint(done)
     model.eval()
@@ -273,6 +285,13 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
         import torch.distributed as dist
         dist.barrier()  # every rank returns once the one checkpoint is in place
     return metrics
+
+
+def snapshot_path(out_path: str | Path, step: int) -> Path:
+    """Where ``train(keep_every=...)`` writes the snapshot of ``step``: ``runs/dense.pt`` ->
+    ``runs/dense-step3000.pt`` (same suffix, so ``.safetensors`` outputs give safetensors snapshots)."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}-step{step}{out.suffix}")
 
 
 def load_for_resume(path: str) -> Recipe:
