@@ -730,7 +730,10 @@ def cmd_bridge_train(args) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(recipe, name, value)
-    if args.sparse is None:
+    if args.init_sparse and args.sparse:
+        raise UserError("--sparse fits bridges to a frozen sparse model and --init-sparse trains one on "
+                        "jointly: give one of them")
+    if args.sparse is None and args.init_sparse is None:
         from circuitir.models.train import PRESETS
         if args.preset not in PRESETS:
             raise UserError(f"unknown preset {args.preset!r} (known: {', '.join(PRESETS)})")
@@ -744,7 +747,8 @@ def cmd_bridge_train(args) -> int:
     from circuitir.models.device import resolve_device
     device = resolve_device(args.device)
     result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
-                           progress=show_progress(args), log=log_to(args.log), device=device)
+                           progress=show_progress(args), log=log_to(args.log), device=device,
+                           init_sparse=args.init_sparse)
     if args.json:
         print_json(result)
     else:
@@ -1106,6 +1110,9 @@ def add_bridge_parsers(sub) -> None:
                                     "hybrid) for both hybrid directions. Writes a bridged checkpoint.")
     p.add_argument("--dense", required=True, help="the dense model (frozen)")
     p.add_argument("--sparse", help="an existing sparse model (frozen): fit only the bridges")
+    p.add_argument("--init-sparse", metavar="M.pt",
+                   help="joint mode started from this trained sparse model: its weights are trained on with "
+                        "the bridges, kept at its density (far cheaper than a joint run from scratch)")
     p.add_argument("-o", "--output", required=True, help="bridged checkpoint to write (.pt)")
     p.add_argument("--preset", default="small", help="joint mode: the sparse model's recipe preset")
     p.add_argument("--steps", type=int, help="optimiser steps [default: 1200]")

@@ -224,6 +224,54 @@ def test_joint_training_trains_a_weight_sparse_model(tmp_path, pair):
     assert torch.load(out, weights_only=True)["sparse_sha256"] is None
 
 
+def test_joint_training_warm_started_from_a_trained_sparse_model(tmp_path, pair, tiny_corpus):
+    """--init-sparse: the start's weights are trained on, at the start's density, and a resume is exact."""
+    from circuitir.models.train import PRESETS, Recipe, train
+    dense, _ = pair
+    start_recipe = Recipe(**PRESETS["tiny"].to_dict())
+    start_recipe.model.update(n_layer=2, block_size=BLOCK)
+    start_recipe.steps, start_recipe.corpus, start_recipe.density = 4, str(tiny_corpus), 0.25
+    start = tmp_path / "start.pt"
+    train(start_recipe, str(start), progress=False)
+    before = load_model(start).model.state_dict()
+    out, cut = tmp_path / "warm.pt", tmp_path / "cut.pt"
+    logged = []
+    train_bridges(str(dense), str(out), None, recipe(steps=4), progress=False, log=logged.append,
+                  init_sparse=str(start))
+    assert "lm" in logged[0] and "kl_s2d/final" in logged[0]
+    raw = torch.load(out, weights_only=True)
+    assert raw["bridge_recipe"]["init_sparse_sha256"] == sha(start) and raw["sparse_sha256"] is None
+    after = load_model(out).model.state_dict()
+    c_fc = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(after[c_fc], before[c_fc])
+    # kept at the start's density, not re-annealed from dense
+    assert int((after[c_fc] != 0).sum()) == pytest.approx(int((before[c_fc] != 0).sum()), rel=0.02)
+    assert (after[c_fc] != 0).float().mean() < 0.3  # a dense re-start would be at 1.0
+
+    def stop(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_bridges(str(dense), str(cut), None, recipe(steps=4), progress=False, log=stop,
+                      init_sparse=str(start))
+    train_bridges(str(dense), str(cut), resume=str(cut), progress=False)
+    assert sha(cut) == sha(out)
+
+
+def test_init_sparse_refuses_a_dense_start_and_sparse_together(capsys, tmp_path, pair):
+    dense, sparse = pair
+    code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--sparse", sparse, "--init-sparse",
+                             sparse, "-o", tmp_path / "o.pt")
+    assert code == 2 and out == "" and "give one of them" in err and err.count("\n") == 1
+    trained_densely = tmp_path / "trained-densely.pt"
+    raw = torch.load(dense, weights_only=True)
+    torch.save({**raw, "dense": True}, trained_densely)
+    code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", trained_densely,
+                             "-o", tmp_path / "o.pt", "--quiet")
+    assert code == 2 and "is not a weight-sparse model trained by `circuitir train`" in err
+    assert not (tmp_path / "o.pt").exists()
+
+
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -118,7 +118,8 @@ class BridgeRecipe:
     encoder_k: int = 0                # 0: the sparse model's residual width (no AbsTopK pruning)
     least_squares_init: bool = True
     seed: int = 0
-    joint: bool = False               # train a new sparse model with its bridges
+    joint: bool = False               # train a sparse model with its bridges
+    init_sparse_sha256: str = ""      # joint mode warm-started from this sparse model (its density kept)
     sparse_recipe: dict = dataclasses.field(default_factory=dict)  # train.Recipe fields (joint mode)
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -213,8 +214,13 @@ def _lr_at(step: int, recipe: BridgeRecipe) -> float:
 
 def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None,
                   recipe: BridgeRecipe | None = None, resume: str | None = None, progress: bool = True,
-                  log=None, device: str = "cpu") -> dict:
+                  log=None, device: str = "cpu", init_sparse: str | None = None) -> dict:
     """Fit bridges (``sparse_path``: both models frozen) or train a sparse model jointly with them.
+
+    Joint mode starts from a fresh sparse model (``recipe.sparse_recipe``, annealed to its density as
+    ``train`` does) or, with ``init_sparse``, from that trained sparse model: its weights are trained on
+    with the bridges at its own density (every step projected back to it), a fine-tune far cheaper than a
+    whole joint pretraining run.
 
     Everything is initialised on the CPU (so the seed gives the same start on any device), then moved to
     ``device``; checkpoints are written from CPU copies, so a file never holds device tensors."""
@@ -249,6 +255,19 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         sparse_model, sparse_sha, sparse_meta = sparse.model, sparse.sha256, dict(sparse.meta)
         sparse_model.requires_grad_(False)
         sparse_train = Recipe(**sparse_meta["recipe"]) if "recipe" in sparse_meta else Recipe()
+    elif init_sparse is not None and not resume:
+        start = load_model(init_sparse)
+        if tokenizer_spec(start) != tokenizer_spec(dense):
+            raise UserError(f"{init_sparse} uses a different tokenizer from {dense_path}")
+        if start.meta.get("dense") or "recipe" not in start.meta:
+            raise UserError(f"{init_sparse} is not a weight-sparse model trained by `circuitir train` (it records "
+                            "no sparse recipe), so joint training cannot keep its density; give --sparse to fit "
+                            "bridges to it frozen")
+        sparse_model = start.model
+        sparse_train = Recipe(**start.meta["recipe"])
+        recipe.init_sparse_sha256 = start.sha256
+        recipe.sparse_recipe = sparse_train.to_dict()  # what a resumed run rebuilds the model from
+        sparse_sha, sparse_meta = None, {"recipe": sparse_train.to_dict()}
     else:
         sparse_train = Recipe(**{**Recipe().to_dict(), **recipe.sparse_recipe})
         config = GPTConfig.from_dict({"vocab_size": tokenizer.vocab_size, **sparse_train.model})
@@ -304,13 +323,16 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
     def checkpoint(step: int, metrics: dict | None = None, final: bool = False) -> str:
         extra = {} if final else {"optimizer": on_cpu(optimizer.state_dict())}
         model = sparse_model if device.type == "cpu" else copy.deepcopy(sparse_model).cpu()
-        return save_deterministic(out_path, model, tokenizer, recipe=sparse_meta.get("recipe"),
-                               corpus=sparse_meta.get("corpus", corpus.describe()), seed=recipe.seed, step=step,
-                               history=json.loads(json.dumps(history)), metrics=metrics or sparse_meta.get("metrics", {}), dense=False,
-                               bridge={k: v.detach().cpu().clone() for k, v in bridges.state_dict().items()},
-                               bridge_config=bridges.config(), bridge_recipe=recipe.to_dict(),
-                               dense_sha256=dense_sha, sparse_sha256=sparse_sha, sparse_path=sparse_path,
-                               **extra)
+        # One JSON round trip for all plain metadata: pickle memoises shared objects (interned strings
+        # included), so a resumed run, whose recipe came from a file, would otherwise differ in bytes.
+        plain = json.loads(json.dumps(dict(
+            recipe=sparse_meta.get("recipe"), corpus=sparse_meta.get("corpus", corpus.describe()), seed=recipe.seed,
+            step=step, history=history, metrics=metrics or sparse_meta.get("metrics", {}), dense=False,
+            bridge_config=bridges.config(), bridge_recipe=recipe.to_dict(), dense_sha256=dense_sha,
+            sparse_sha256=sparse_sha, sparse_path=sparse_path)))
+        return save_deterministic(out_path, model, tokenizer, **plain,
+                                  bridge={k: v.detach().cpu().clone() for k, v in bridges.state_dict().items()},
+                                  **extra)
 
     bar = tqdm(range(start_step, recipe.steps), initial=start_step, total=recipe.steps, disable=not progress,
                desc="bridge" + (" (joint)" if recipe.joint else ""), unit="step", dynamic_ncols=True)
@@ -319,7 +341,9 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         inputs, targets = (t.to(device) for t in batches.get(step))
         lr = _lr_at(step, recipe)
         density = 1.0
-        if recipe.joint:
+        if recipe.joint and recipe.init_sparse_sha256:
+            density = sparse_train.density
+        elif recipe.joint:
             density = density_at(step, recipe.steps, sparse_train.density, sparse_train.anneal_start,
                                  sparse_train.anneal_end)
         for i, group in enumerate(optimizer.param_groups):

@@ -272,7 +272,7 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
             model.train()
             save_checkpoint(snapshot_path(out_path, done), model, tokenizer, recipe=recipe.to_dict(),
                             corpus=corpus.describe(), seed=recipe.seed, step=done, history=history,
-                            metrics={"val_loss": val}, dense=recipe.dense, snapshot_of=str(out_path))
+                            metrics={"val_loss": val}, dense=recipe.dense, snapshot_of=Path(out_path).name)
         if done % recipe.checkpoint_every == 0 and done != recipe.steps:
             checkpoint(done)
     model.eval()
