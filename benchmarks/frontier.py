@@ -14,6 +14,7 @@ extraction takes minutes on one core), so the script can be stopped and resumed:
 
     python benchmarks/frontier.py [--sparse models/sparse.pt] [--dense models/dense.pt,...]
         [--tasks bracket_counting,...] [--targets 0.1,0.15,0.2,0.3,0.4] [--out DIR] [--plot F.png] [--json OUT]
+        [--cached-only]
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def frontier_sizes(model_path: str, task: str, targets: list[float], out: Path, progress: bool) -> dict:
+def frontier_sizes(model_path: str, task: str, targets: list[float], out: Path, progress: bool,
+                   extract: bool = True) -> dict:
     """{target: {"nodes", "edges", "loss"}} for the targets the model meets, extracting only what the
-    cache lacks."""
+    cache lacks (nothing with ``extract=False``: a target not in the cache is left out)."""
     folder = out / Path(model_path).stem
     cached = {t: folder / f"{task}-t{t:g}.cir" for t in targets}
     missing = [t for t, path in cached.items() if not path.exists() and not path.with_suffix(".unmet").exists()]
-    if missing:
+    if missing and extract:
         rows = extract_frontier(load_model(model_path), get_task(task), missing, progress=progress)
         for row in rows:
             path = cached[row["target"]]
@@ -83,6 +85,14 @@ def summarise(sizes: dict, models: list[str], tasks: list[str], targets: list[fl
     return rows
 
 
+def pairwise(sizes: dict, sparse: str, dense: str, tasks: list[str], targets: list[float]) -> list[dict]:
+    """Per target: the ratio dense / sparse of geometric-mean edges over the tasks *these two* models meet
+    (the paper's comparison is one pair at a time; the summary above needs every model to meet a task)."""
+    rows = summarise({m: sizes[m] for m in (sparse, dense)}, [sparse, dense], tasks, targets)
+    return [{"target": row["target"], "tasks": row["tasks"], "sparse_edges": row[sparse]["edges"],
+             "dense_edges": row[dense]["edges"], "ratio": row["ratios"][dense]} for row in rows if "ratios" in row]
+
+
 def plot(rows: list[dict], models: list[str], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -113,13 +123,17 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="draw the curves here (.png)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="extract nothing: summarise the circuits already in --out (a missing one counts "
+                             "as not met)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = [args.sparse] + [m for m in args.dense.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
     targets = sorted(float(t) for t in args.targets.split(","))
     out = Path(args.out)
-    sizes = {m: {task: frontier_sizes(m, task, targets, out, progress=sys.stderr.isatty()) for task in tasks}
+    sizes = {m: {task: frontier_sizes(m, task, targets, out, progress=sys.stderr.isatty(),
+                                          extract=not args.cached_only) for task in tasks}
              for m in models}
     for model in models:
         loss = validation_loss(model)
@@ -135,13 +149,20 @@ def main(argv=None) -> int:
             continue
         print(f"{row['target']:6g} {len(row['tasks']):5d} " + " ".join(f"{row[m]['edges']:14.1f}" for m in models)
               + " " + " ".join(f"{row['ratios'][m]:16.2f}" for m in models[1:]))
+    pairs = {}
+    for dense in models[1:]:
+        pairs[dense] = pairwise(sizes, models[0], dense, tasks, targets)
+        print(f"{Path(dense).stem} against {names[0]}, over the tasks both meet:")
+        for row in pairs[dense]:
+            print(f"  {row['target']:6g}  {len(row['tasks'])} tasks  edges {row['sparse_edges']:8.1f} vs "
+                  f"{row['dense_edges']:8.1f}  ratio {row['ratio']:6.2f}  ({', '.join(row['tasks'])})")
     if args.plot:
         plot(rows, models, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps({"sizes": {m: {t: {str(k): v for k, v in s.items()}
                                                              for t, s in per.items()} for m, per in sizes.items()},
-                                               "rows": rows}, indent=1))
+                                               "rows": rows, "pairwise": pairs}, indent=1))
     return 0
 
 

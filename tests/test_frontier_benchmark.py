@@ -29,6 +29,18 @@ def test_summary_uses_only_the_tasks_every_model_meets(frontier):
     assert rows[1]["ratios"]["d"] == pytest.approx(10.0)
 
 
+def test_pairwise_ratio_uses_the_tasks_that_pair_meets(frontier):
+    sizes = {"s": {"a": {0.1: {"nodes": 10, "edges": 20}}, "b": {0.1: {"nodes": 40, "edges": 80}}},
+             "d": {"a": {0.1: {"nodes": 100, "edges": 400}}, "b": {}},          # d misses b
+             "m": {"a": {0.1: {"nodes": 50, "edges": 100}}, "b": {0.1: {"nodes": 90, "edges": 720}}}}
+    everyone = frontier.summarise(sizes, ["s", "d", "m"], ["a", "b"], [0.1])
+    assert everyone[0]["tasks"] == ["a"] and everyone[0]["ratios"]["m"] == pytest.approx(5.0)
+    (row,) = frontier.pairwise(sizes, "s", "m", ["a", "b"], [0.1])
+    assert row["tasks"] == ["a", "b"]
+    assert row["ratio"] == pytest.approx(math.sqrt(100 * 720) / math.sqrt(20 * 80))  # 6.71..., not 5
+    assert frontier.pairwise(sizes, "s", "d", ["b"], [0.1]) == []
+
+
 def test_circuits_are_extracted_once_and_read_back(frontier, bracket_model, tmp_path, monkeypatch):
     model, metrics = bracket_model
     target = round(metrics["tasks"]["bracket_brace"]["loss"] + 0.25, 2)
@@ -41,3 +53,6 @@ def test_circuits_are_extracted_once_and_read_back(frontier, bracket_model, tmp_
 
     monkeypatch.setattr(frontier, "extract_frontier", no_extraction)
     assert frontier.frontier_sizes(str(model), "bracket_brace", [target, 0.001], tmp_path, progress=False) == first
+    # cache only: a target never extracted is left out, not extracted
+    assert frontier.frontier_sizes(str(model), "bracket_brace", [target, 0.5], tmp_path, progress=False,
+                                   extract=False) == first
