@@ -5,9 +5,10 @@ target loss in one run. The script prints, per target, each model's edges (geome
 tasks every model meets at that target) and the ratio dense / sparse, and draws the curves.
 
 The paper compares a sparse and a dense model of *equal pretraining loss*. Give the dense models to
-compare with ``--dense`` (e.g. the final dense model and a shorter run whose validation loss matches
-the sparse model's: ``circuitir train --dense --steps N``); the script prints each model's validation
-loss from its checkpoint so the match can be read off.
+compare with ``--dense`` (e.g. ``models/dense.pt`` and ``models/dense-matched.pt``, a snapshot of a
+shorter dense run whose validation loss matches the sparse model's: ``circuitir train --dense
+--keep-every N``); the script prints each model's validation loss from its checkpoint so the match can be
+read off, and the ratio of each dense model to the sparse one over the tasks that pair meets.
 
 Circuits are kept in ``--out DIR/<model>/<task>-t<target>.cir`` and reused on a later run (an
 extraction takes minutes on one core), so the script can be stopped and resumed::
@@ -103,7 +104,11 @@ def plot(rows: list[dict], models: list[str], path: str) -> None:
         points = [(row["target"], row[model]["edges"]) for row in rows if model in row]
         ax.plot(*zip(*points), marker=marker, label=Path(model).stem)
     ax.set_yscale("log")
-    ax.set_xlabel("target task loss (nats)")
+    shown = [row for row in rows if "ratios" in row]
+    ax.set_xticks([row["target"] for row in shown],
+                  [f"{row['target']:g}\n{len(row['tasks'])} task{'s' * (len(row['tasks']) > 1)}" for row in shown],
+                  fontsize=7)
+    ax.set_xlabel("target task loss (nats); tasks every model meets")
     ax.set_ylabel("circuit edges (geometric mean over tasks)")
     ax.set_title("circuit size against target loss")
     ax.grid(True, which="both", alpha=0.3)
