@@ -331,16 +331,20 @@ def test_a_damaged_means_cache_is_recomputed(monkeypatch, tmp_path, loaded_tiny,
 # ---------------------------------------------------------------- signals
 
 def test_sigterm_during_training_leaves_no_partial_file(tmp_path, tiny_corpus):
-    out = tmp_path / "m.pt"
+    out, log = tmp_path / "m.pt", tmp_path / "log.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "train", "--preset", "tiny", "--corpus",
-                             str(tiny_corpus), "--steps", "100000", "-o", str(out), "--quiet"],
+                             str(tiny_corpus), "--steps", "100000", "-o", str(out), "--quiet", "--eval-every", "1",
+                             "--log", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
-    time.sleep(8)  # imports done, training under way
+    deadline = time.time() + 120
+    while not (log.exists() and log.stat().st_size) and time.time() < deadline:  # a step done: training under way
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out_text, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()
     assert err.decode() == "circuitir train: terminated\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+    assert log.stat().st_size, "the signal came before training started"
     if out.exists():  # a periodic checkpoint, written whole before the signal
         assert load_model(out).meta["recipe"]["steps"] == 100000
 
