@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuitir.grammar import emit, parse  # noqa: E402
-from circuitir.models.checkpoint import atomic_write_text, load_model  # noqa: E402
+from circuitir.models.checkpoint import atomic_write_text, file_sha256, load_model  # noqa: E402
 from circuitir.runtime.extract import extract_frontier  # noqa: E402
 from circuitir.tasks import get_task  # noqa: E402
 
@@ -57,9 +57,14 @@ def frontier_sizes(model_path: str, task: str, targets: list[float], out: Path, 
             else:
                 atomic_write_text(path, emit(row["circuit"]))
     sizes = {}
+    model_sha = None
     for target, path in cached.items():
         if path.exists():
             circuit = parse(path.read_text(), str(path))
+            model_sha = model_sha or file_sha256(model_path)
+            if circuit.provenance.model_sha256 != model_sha:
+                raise SystemExit(f"{path} was extracted from another model than {model_path} (the cache is keyed "
+                                 f"by file name); give --out another folder or delete {folder}")
             sizes[target] = {"nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": circuit.claims.loss}
     return sizes
 

@@ -730,6 +730,9 @@ def cmd_bridge_train(args) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(recipe, name, value)
+    if args.init_sparse and args.resume:
+        raise UserError("--resume continues the run its checkpoint records (warm start included); leave out "
+                        "--init-sparse")
     if args.init_sparse and args.sparse:
         raise UserError("--sparse fits bridges to a frozen sparse model and --init-sparse trains one on "
                         "jointly: give one of them")
@@ -872,9 +875,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="steps between validation-loss log lines "
                                                   "[default: the preset's; small: 1000]")
     p.add_argument("--keep-every", type=int, default=0, metavar="N",
-                   help="also write a snapshot every N steps beside the output, OUTPUT-stepN.pt, without "
-                        "optimiser state and with its validation loss: pick the one matching another "
-                        "model's loss (the paper compares circuits at equal pretraining loss)")
+                   help="also write a snapshot every N steps beside the output (m.pt -> m-step<S>.pt for step S; "
+                        "the last step is the output itself), without optimiser state and with its validation "
+                        "loss: pick the one matching another model's loss (the paper compares circuits at equal "
+                        "pretraining loss) [default: 0, off]")
     training_run_options(p)
     add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -1112,9 +1116,10 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("--sparse", help="an existing sparse model (frozen): fit only the bridges")
     p.add_argument("--init-sparse", metavar="M.pt",
                    help="joint mode started from this trained sparse model: its weights are trained on with "
-                        "the bridges, kept at its density (far cheaper than a joint run from scratch)")
+                        "the bridges, at --lr, kept at its density (far cheaper than a joint run from scratch)")
     p.add_argument("-o", "--output", required=True, help="bridged checkpoint to write (.pt)")
-    p.add_argument("--preset", default="small", help="joint mode: the sparse model's recipe preset")
+    p.add_argument("--preset", default="small", help="joint mode from scratch (neither --sparse nor "
+                                                     "--init-sparse): the new sparse model's recipe preset")
     p.add_argument("--steps", type=int, help="optimiser steps [default: 1200]")
     p.add_argument("--batch-size", type=int, help="sequences per step [default: 16]")
     p.add_argument("--lr", type=float, help="peak learning rate [default: 1e-3]")

@@ -53,6 +53,12 @@ def test_circuits_are_extracted_once_and_read_back(frontier, bracket_model, tmp_
 
     monkeypatch.setattr(frontier, "extract_frontier", no_extraction)
     assert frontier.frontier_sizes(str(model), "bracket_brace", [target, 0.001], tmp_path, progress=False) == first
+    # another model under the same file name does not silently reuse the cache
+    other = tmp_path / "elsewhere" / Path(model).name
+    other.parent.mkdir()
+    other.write_bytes(Path(model).read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match="extracted from another model"):
+        frontier.frontier_sizes(str(other), "bracket_brace", [target], tmp_path, progress=False)
     # cache only: a target never extracted is left out, not extracted
     assert frontier.frontier_sizes(str(model), "bracket_brace", [target, 0.5], tmp_path, progress=False,
                                    extract=False) == first

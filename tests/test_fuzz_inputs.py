@@ -337,7 +337,8 @@ def test_sigterm_during_training_leaves_no_partial_file(tmp_path, tiny_corpus):
                              "--log", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 120
-    while not (log.exists() and log.stat().st_size) and time.time() < deadline:  # a step done: training under way
+    # wait for the first logged step: training under way
+    while not (log.exists() and log.stat().st_size) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out_text, err = proc.communicate(timeout=120)

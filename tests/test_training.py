@@ -231,3 +231,19 @@ def test_snapshots_keep_the_run_and_record_their_validation_loss(tmp_path, tiny_
         assert load_model(snapshot_path(path, step)).meta["step"] == step
     differing = [k for k, v in weights(snapshot_path(path, 4)).items() if not torch.equal(v, weights(path)[k])]
     assert differing, "step 4 and step 6 weights should differ"
+
+
+def test_a_snapshot_between_log_lines_computes_its_own_validation_loss(tmp_path, tiny_corpus, baseline):
+    from circuitir.data.corpus import load_corpus
+    from circuitir.models.train import snapshot_path, validation_loss
+
+    out, _, _ = baseline
+    path = tmp_path / "run.pt"
+    records = []
+    train(tiny_recipe(tiny_corpus, eval_every=5), str(path), progress=False, keep_every=3, log=records.append)
+    assert [r["step"] for r in records] == [5, 6]  # step 3 is not a log line
+    assert_same_weights(weights(out), weights(path))
+    snapshot = load_model(snapshot_path(path, 3))
+    corpus = load_corpus(str(tiny_corpus), snapshot.tokenizer)
+    assert snapshot.meta["metrics"]["val_loss"] == pytest.approx(validation_loss(snapshot.model, corpus.validation),
+                                                                 abs=1e-6)

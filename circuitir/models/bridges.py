@@ -260,10 +260,11 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         if tokenizer_spec(start) != tokenizer_spec(dense):
             raise UserError(f"{init_sparse} uses a different tokenizer from {dense_path}")
         if start.meta.get("dense") or "recipe" not in start.meta:
-            raise UserError(f"{init_sparse} is not a weight-sparse model trained by `circuitir train` (it records "
-                            "no sparse recipe), so joint training cannot keep its density; give --sparse to fit "
-                            "bridges to it frozen")
-        sparse_model = start.model
+            what = "was trained densely" if start.meta.get("dense") else "records no training recipe"
+            raise UserError(f"{init_sparse} {what}, so it is not a weight-sparse model `circuitir train` made and "
+                            "joint training has no density to keep; --init-sparse takes a sparse checkpoint of "
+                            "`circuitir train`")
+        sparse_model = start.model.train()  # as a fresh or resumed run's model (load_model returns eval mode)
         sparse_train = Recipe(**start.meta["recipe"])
         recipe.init_sparse_sha256 = start.sha256
         recipe.sparse_recipe = sparse_train.to_dict()  # what a resumed run rebuilds the model from
