@@ -110,8 +110,6 @@ def _on_sigterm(signum, frame):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    import torch
-
     from circuitir.models.train import PRESETS, Recipe, load_for_resume, train
 
     if args.resume:
@@ -132,8 +130,6 @@ def cmd_train(args) -> int:
     check_output_path(args.output, "the checkpoint")
     if args.log:
         check_output_path(args.log, "the log")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         log_file = open(args.log, "a") if args.log else None
     except OSError as exc:
@@ -456,7 +452,7 @@ def extract_all(args) -> int:
     options = dict(pipeline=args.pipeline, target=args.target_loss, ablation=args.ablation, seed=args.seed)
     started = time.time()
     rows = extract_many(args.model, list(TASKS), args.output, jobs=args.jobs, tokenizer_dir=args.tokenizer,
-                        device=args.device, loaded=loaded, **options)
+                        device=args.device, loaded=loaded, threads=args.threads, **options)
     seconds = time.time() - started
     if args.json:
         print_json({"tasks": rows, "jobs": args.jobs, "seconds": seconds})
@@ -721,8 +717,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_bridge_train(args) -> int:
-    import torch
-
     from circuitir.models.bridges import BridgeRecipe, log_to, train_bridges
 
     recipe = BridgeRecipe()
@@ -745,8 +739,6 @@ def cmd_bridge_train(args) -> int:
     check_output_path(args.output, "the bridged checkpoint")
     if args.log:
         check_output_path(args.log, "the log")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from circuitir.models.device import resolve_device
     device = resolve_device(args.device)
     result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
@@ -840,8 +832,11 @@ def add_task_file_option(p, text: str | None = None) -> None:
 
 
 def add_device_option(p) -> None:
+    """--device and --threads: every command that runs a model has both."""
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps "
                                                     "[default: auto]")
+    p.add_argument("--threads", type=int, help="torch CPU threads (with --jobs: per job) [default: torch's, one "
+                                               "per core; with --jobs, the cores shared out]")
 
 
 def add_model_options(p) -> None:
@@ -1093,9 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def training_run_options(p) -> None:
-    """The options every training command shares: resume, threads, log, progress, JSON."""
+    """The options every training command shares: resume, log, progress, JSON (threads: add_device_option)."""
     p.add_argument("--resume", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log", "--log-file", dest="log",
                    help="append one JSON line per evaluation to this file (under torchrun write --log-file: "
                         "torchrun's own parser takes --log for its --log-dir)")
@@ -1193,6 +1187,9 @@ def main(argv: list[str] | None = None) -> int:
             command = f"circuitir {args.command}"
             check_numbers(args)
             check_device(args)
+            if getattr(args, "threads", None):
+                import torch
+                torch.set_num_threads(args.threads)
             return args.run(args)
         finally:
             # A reader that went away (`circuitir tasks | head`) shows up here, not at interpreter exit.

@@ -63,9 +63,11 @@ def warm_means(loaded, options: dict) -> None:
 
 
 def extract_many(model_path: str, task_names: list[str], out_dir: str | Path, *, jobs: int = 1,
-                 tokenizer_dir: str | None = None, device: str | None = None, loaded=None, **options) -> list[dict]:
+                 tokenizer_dir: str | None = None, device: str | None = None, loaded=None,
+                 threads: int | None = None, **options) -> list[dict]:
     """Extract every task into ``out_dir/<task>.cir`` with ``jobs`` processes, each loading the model on
-    ``device`` (``--device``; several jobs share one GPU); one row per task, in order."""
+    ``device`` (``--device``; several jobs share one GPU) with ``threads`` torch threads (default: the cores
+    shared out); one row per task, in order."""
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: give at least 1")
     out_dir = Path(out_dir)
@@ -75,7 +77,7 @@ def extract_many(model_path: str, task_names: list[str], out_dir: str | Path, *,
     if loaded is not None:
         warm_means(loaded, options)
     outputs = {name: str(out_dir / f"{name}.cir") for name in task_names}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     model = (model_path, tokenizer_dir, device)
     if jobs == 1:
         return [_extract_one(*model, name, outputs[name], options) for name in task_names]

@@ -238,3 +238,23 @@ def test_train_writes_a_loadable_checkpoint(capsys, tmp_path, tiny_corpus):
     assert loaded.meta["metrics"]["val_loss"] == pytest.approx(metrics["val_loss"])
     assert set(metrics["tasks"]) == set(TASKS)
     assert leftover_parts(tmp_path) == []
+
+
+def test_threads_sets_torch_threads_for_every_model_command(capsys, tmp_path, checkpoint):
+    """--threads is an option of every command that runs a model, and takes effect before the command runs."""
+    from circuitir.cli import build_parser
+    path = checkpoint()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, out, err = run_cli(capsys, "eval", path, "--task", "quotes", "-n", "4", "--threads", "1", "--json")
+        assert code == 0, err
+        assert torch.get_num_threads() == 1 and json.loads(out)["n"] == 4
+    finally:
+        torch.set_num_threads(before)
+    parser = build_parser()
+    for argv in (["train", "-o", "m.pt"], ["extract", "m.pt", "--task", "quotes", "-o", "c.cir"], ["check", "c.cir", "m.pt"],
+                 ["explain", "c.cir", "--model", "m.pt"], ["bridge", "train", "--dense", "d.pt", "-o", "b.pt"],
+                 ["bridge", "eval", "b.pt", "--dense", "d.pt"], ["steer", "b.pt", "--dense", "d.pt", "--task", "quotes",
+                                                                  "--node", "final_resid[0]"]):
+        assert parser.parse_args(argv + ["--threads", "3"]).threads == 3, argv
