@@ -149,3 +149,11 @@ def refused_on_cuda(commands: dict) -> None:
         code, stdout, err = cli(*argv, "--device", "cuda")
         assert code == 2 and stdout == "" and err.count("\n") == 1, (name, err)
         assert "torch sees no CUDA GPU" in err and "Traceback" not in err
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts: SIGINT back to its default, so Python installs
+    KeyboardInterrupt. A shell running the tests in the background (``pytest &``) starts them with SIGINT
+    ignored, and the child would inherit that and never see the test's Ctrl-C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

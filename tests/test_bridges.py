@@ -24,7 +24,7 @@ from circuitir.models.checkpoint import load_model, save_checkpoint
 from circuitir.models.tokenizer import ByteTokenizer
 from circuitir.runtime.steer import parse_strengths, steered_graph
 
-from conftest import cli, refused_on_cuda
+from conftest import cli, default_sigint, refused_on_cuda
 
 BLOCK = 128  # task prompts (single_double_quote) fit
 
@@ -461,7 +461,8 @@ def test_bridge_train_interrupted_leaves_no_partial_file(tmp_path, pair, sig, co
     proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "bridge", "train", "--dense", str(dense),
                              "--sparse", str(sparse), "--steps", "1000000", "--batch-size", "2", "-o", str(out),
                              "--quiet", "--log", str(tmp_path / "log.jsonl")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(repo)})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(repo)},
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not (tmp_path / "log.jsonl").exists() and time.time() < deadline:  # training under way
         time.sleep(0.2)

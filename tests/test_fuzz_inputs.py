@@ -20,7 +20,7 @@ from circuitir.models.checkpoint import FORMAT, FORMAT_VERSION, load_model, save
 from circuitir.models.gpt import SparseGPT
 from circuitir.models.tokenizer import ByteTokenizer
 
-from conftest import randomize_, tiny_config
+from conftest import default_sigint, randomize_, tiny_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BRACKET = EXAMPLES / "bracket_toy.cir"
@@ -335,7 +335,8 @@ def test_sigterm_during_training_leaves_no_partial_file(tmp_path, tiny_corpus):
     proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "train", "--preset", "tiny", "--corpus",
                              str(tiny_corpus), "--steps", "100000", "-o", str(out), "--quiet", "--eval-every", "1",
                              "--log", str(log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     # wait for the first logged step: training under way
     while not (log.exists() and log.stat().st_size) and proc.poll() is None and time.time() < deadline:
@@ -358,7 +359,8 @@ def test_extract_interrupted_writes_nothing(tmp_path, bracket_model, sig, code, 
     pipeline = "trace, mean-ablate{tokens=4096}, prune{target=0.5,steps=1000000,prompts=64,select=48}, lower, dce"
     proc = subprocess.Popen([sys.executable, "-m", "circuitir.cli", "extract", str(model), "--task", "bracket_brace",
                              "-o", str(out), "--pipeline", pipeline, "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=default_sigint)
     time.sleep(8)  # imports done, the mask being learned
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
