@@ -100,11 +100,9 @@ def pairwise(sizes: dict, sparse: str, dense: str, tasks: list[str], targets: li
 
 
 def plot(rows: list[dict], models: list[str], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from circuitir.render.plots import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=150)
+    fig, ax = subplots(figsize=(5.5, 3.6), dpi=150)
     for model, marker in zip(models, "osd^v"):
         points = [(row["target"], row[model]["edges"]) for row in rows if model in row]
         ax.plot(*zip(*points), marker=marker, label=Path(model).stem)
@@ -119,8 +117,7 @@ def plot(rows: list[dict], models: list[str], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -279,8 +279,6 @@ def load_with_task(args) -> tuple:
     return loaded, tasks[0].name if tasks else None
 
 
-
-
 def cmd_trace(args) -> int:
     from circuitir.ir.trace import summary
 
@@ -384,8 +382,9 @@ def extract_targets(args) -> int:
         raise UserError("give --targets or --target-loss, not both")
     if args.task == "all":
         raise UserError("--targets takes one task (a frontier per task: run it once per task)")
-    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
-        raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+    if args.plot:
+        from circuitir.render.plots import check_plot_path
+        check_plot_path(args.plot)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output}: with --targets, -o is a directory (it exists as a file)")
     check_output_path(os.path.join(args.output, "probe.cir"), "the circuits")
@@ -421,14 +420,10 @@ def extract_targets(args) -> int:
 
 
 def plot_frontier(table: list[dict], task: str, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from circuitir.models.checkpoint import atomic_path
+    from circuitir.render.plots import save_figure, subplots
 
     met = [row for row in table if "error" not in row]
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=150)
+    fig, ax = subplots(figsize=(5, 3.4), dpi=150)
     for key, marker in (("edges", "o"), ("nodes", "s")):
         ax.plot([r["target"] for r in met], [r[key] for r in met], marker=marker, label=key)
     ax.set_yscale("log")
@@ -438,9 +433,7 @@ def plot_frontier(table: list[dict], task: str, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as temp:
-        fig.savefig(temp, format=path.rsplit(".", 1)[-1].lower())
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def extract_all(args) -> int:
@@ -785,8 +778,9 @@ def cmd_steer(args) -> int:
     from circuitir.runtime.steer import parse_strengths, plot_steering, steer
 
     strengths = parse_strengths(args.strength)
-    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
-        raise UserError(f"--plot {args.plot}: use a .png, .pdf or .svg file name")
+    if args.plot:
+        from circuitir.render.plots import check_plot_path
+        check_plot_path(args.plot)
     result = steer(args.bridged, args.dense, task_name(args), args.node, strengths, args.circuit, args.n, args.seed,
                    device=args.device)
     if args.plot:

@@ -15,7 +15,7 @@ from circuitir.tasks import Task
 
 def task_candidates(task: Task, tokenizer, n: int = 64) -> list[int]:
     """The distinct first tokens of the task's answers: the logits a circuit for it computes."""
-    from circuitir.tasks.evaluate import first_token
+    from circuitir.tasks import first_token
     tokens = set()
     for example in task.examples("train", n, seed=0):
         tokens.add(first_token(tokenizer, example.correct))

@@ -278,12 +278,9 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
 
 
 def plot_steering(result: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from circuitir.render.plots import save_figure, subplots
 
-    from circuitir.models.checkpoint import atomic_path
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = subplots(figsize=(5.5, 3.8))
     s = result["strengths"]
     for name, style, color in (("bridge", "-o", "tab:blue"), ("random", "--s", "tab:gray")):
         ax.plot(s, [r["p_other"] for r in result[name]], style, color=color, label=f"{name}: P(other answer)")
@@ -297,10 +294,7 @@ def plot_steering(result: dict, path) -> None:
     ax.set_title(f"{result['task']}: steering {named} at {result['boundary']} (n={result['n']})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    suffix_ = str(path).rsplit(".", 1)[-1] if "." in str(path) else "png"
-    with atomic_path(path) as temp:
-        fig.savefig(temp, format=suffix_)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()

@@ -62,17 +62,25 @@ class Task:
         (on the first ``n`` examples of each split: every answer pair a built-in task has)."""
         for split in SPLITS:
             for example in self.examples(split, n, seed=0):
-                refuse_colliding_answers(self.name, example, tokenizer)
+                answer_tokens(self.name, example, tokenizer)
 
 
-def refuse_colliding_answers(name: str, example: Example, tokenizer) -> None:
-    """One line if the example's answer and alternative start with the same token: the task compares the
-    two first tokens, so it cannot be measured under this tokenizer."""
-    good, bad = tokenizer.encode(example.correct)[:1], tokenizer.encode(example.alternative)[:1]
-    if good and good == bad:
+def first_token(tokenizer, text: str) -> int:
+    tokens = tokenizer.encode(text)
+    if not tokens:
+        raise UserError(f"task: empty answer {text!r}")
+    return tokens[0]
+
+
+def answer_tokens(name: str, example: Example, tokenizer) -> tuple[int, int]:
+    """The first tokens of the example's answer and alternative (what the task compares), or one line if
+    they are the same token: then the task cannot be measured under this tokenizer."""
+    good, bad = first_token(tokenizer, example.correct), first_token(tokenizer, example.alternative)
+    if good == bad:
         raise UserError(f"task {name}: answers {example.correct!r} and {example.alternative!r} both start with "
-                        f"the token {tokenizer.token_str(good[0])!r} under this model's tokenizer, so the task "
+                        f"the token {tokenizer.token_str(good)!r} under this model's tokenizer, so the task "
                         "cannot be measured on it")
+    return good, bad
 
 
 def split_of(prompt: str) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitir.errors import UserError
-from circuitir.tasks import Example, Task, refuse_colliding_answers
+from circuitir.tasks import Example, Task, answer_tokens
 
 
 @dataclass
@@ -24,13 +24,6 @@ class TaskBatch:
         return len(self.prompts)
 
 
-def first_token(tokenizer, text: str) -> int:
-    tokens = tokenizer.encode(text)
-    if not tokens:
-        raise UserError(f"task: empty answer {text!r}")
-    return tokens[0]
-
-
 def encode_examples(task: Task, examples: list[Example], tokenizer, block_size: int) -> TaskBatch:
     rows, last, correct, alternative = [], [], [], []
     for example in examples:
@@ -38,8 +31,7 @@ def encode_examples(task: Task, examples: list[Example], tokenizer, block_size: 
         if len(tokens) > block_size:
             raise UserError(f"task {task.name}: a prompt is {len(tokens)} tokens, longer than the model's "
                             f"context of {block_size}; use a model with a larger block_size")
-        good, bad = first_token(tokenizer, example.correct), first_token(tokenizer, example.alternative)
-        refuse_colliding_answers(task.name, example, tokenizer)
+        good, bad = answer_tokens(task.name, example, tokenizer)
         rows.append(tokens)
         last.append(len(tokens) - 1)
         correct.append(good)

@@ -71,13 +71,14 @@ class FileTask(Task):
         swapped and whose prompt has as many characters, the one that differs from it in the fewest
         characters (a generated partner differs only where the answer is decided). Lines without one are
         left out."""
-        everything = [example for _, example, _ in self.lines]
+        by_shape: dict[tuple, list[Example]] = {}  # (answer, alternative, prompt length) -> lines, file order
+        for _, example, _ in self.lines:
+            by_shape.setdefault((example.correct, example.alternative, len(example.prompt)), []).append(example)
         out = []
         for _, example, where in self.lines:
             if len(out) >= n:
                 break
-            partners = [p for p in everything if p.correct == example.alternative and
-                        p.alternative == example.correct and len(p.prompt) == len(example.prompt)]
+            partners = by_shape.get((example.alternative, example.correct, len(example.prompt)))
             if where == split and partners:
                 out.append((example, min(partners, key=lambda p: sum(a != b for a, b in zip(p.prompt,
                                                                                              example.prompt)))))

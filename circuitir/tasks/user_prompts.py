@@ -22,7 +22,8 @@ from circuitir.errors import UserError
 def prompt_agreement(circuit, loaded, path: str, target: float | None = None) -> dict:
     from circuitir.runtime.compile import compile_circuit
     from circuitir.runtime.evaluate import pair_logits_from_candidates
-    from circuitir.tasks.evaluate import accuracy, binary_loss, candidate_logits, encode_examples, first_token
+    from circuitir.tasks import first_token
+    from circuitir.tasks.evaluate import accuracy, binary_loss, candidate_logits, encode_examples
     from circuitir.tasks.task_file import load_task_file
 
     prompts = load_task_file(path)
