@@ -107,6 +107,16 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _forget_keyboard_interrupt() -> None:
+    """Let a caught Ctrl-C exit with 130 under ``python -m circuitir``, too.
+
+    CPython notes a KeyboardInterrupt that ends a *string* ``exec``/``eval`` (``PyRun_String``; torch and
+    the standard library run some at import and in generated code) as unhandled even when a caller
+    catches it, and under ``-m`` the interpreter then kills itself with SIGINT at exit (status -2)
+    instead of returning our code. Every string eval clears that note first, so one empty eval does."""
+    exec("", {})
+
+
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
@@ -1193,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
+        _forget_keyboard_interrupt()
         return 130
     except Terminated:
         print(f"{command}: terminated", file=sys.stderr)

@@ -258,3 +258,22 @@ def test_threads_sets_torch_threads_for_every_model_command(capsys, tmp_path, ch
                  ["bridge", "eval", "b.pt", "--dense", "d.pt"], ["steer", "b.pt", "--dense", "d.pt", "--task", "quotes",
                                                                   "--node", "final_resid[0]"]):
         assert parser.parse_args(argv + ["--threads", "3"]).threads == 3, argv
+
+
+def test_ctrl_c_inside_a_string_eval_still_exits_130_under_dash_m(tmp_path):
+    """A Ctrl-C that lands in a string ``exec`` (as torch's and the standard library's generated code run)
+    made ``python -m circuitir.cli`` die by SIGINT (-2) instead of exiting 130: CPython keeps a note of it
+    that only a later string eval clears. Found when CI's Ctrl-C test of ``bridge train`` failed once."""
+    package = tmp_path / "ctrlc"
+    package.mkdir()
+    (package / "__main__.py").write_text(
+        "import sys\n"
+        "from circuitir import cli\n"
+        "def interrupted(args):\n"
+        "    exec('raise KeyboardInterrupt', {})\n"
+        "cli.cmd_tasks = interrupted\n"
+        "sys.exit(cli.main(['tasks']))\n")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "ctrlc"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"})
+    assert (proc.returncode, proc.stderr) == (130, "circuitir tasks: interrupted\n")
