@@ -226,6 +226,8 @@ def test_snapshots_keep_the_run_and_record_their_validation_loss(tmp_path, tiny_
     for step in (2, 4):
         raw = torch.load(snapshot_path(path, step), map_location="cpu", weights_only=True)
         assert raw["step"] == step and "optimizer" not in raw
+        assert raw["training"] == torch.load(path, map_location="cpu", weights_only=True)["training"] == \
+            {"world_size": 1, "device": "cpu", "dtype": "float32"}
         logged = next(r for r in records if r["step"] == step)  # eval_every=1 logs every step
         assert raw["metrics"]["val_loss"] == logged["val_loss"]
         assert load_model(snapshot_path(path, step)).meta["step"] == step

@@ -236,14 +236,14 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
     rows = recipe.batch_size // dist_info.world_size
     shard = slice(dist_info.rank * rows, (dist_info.rank + 1) * rows)
 
+    training = {"world_size": dist_info.world_size, "device": target_device.type, "dtype": dtype}
+
     def checkpoint(step: int, metrics: dict | None = None) -> str | None:
         if not dist_info.is_main:  # one writer; the others wait at the next collective
             return None
         return save_checkpoint(out_path, model, tokenizer, recipe=recipe.to_dict(), corpus=corpus.describe(),
                                seed=recipe.seed, step=step, optimizer=optimizer.state_dict(),
-                               history=history, metrics=metrics or {}, dense=recipe.dense,
-                               training={"world_size": dist_info.world_size, "device": target_device.type,
-                                         "dtype": dtype})
+                               history=history, metrics=metrics or {}, dense=recipe.dense, training=training)
 
     bar = tqdm(range(start_step, recipe.steps), initial=start_step, total=recipe.steps,
                disable=not progress or not dist_info.is_main,
@@ -272,7 +272,8 @@ def train(recipe: Recipe, out_path: str, resume: str | None = None, progress: bo
             model.train()
             save_checkpoint(snapshot_path(out_path, done), model, tokenizer, recipe=recipe.to_dict(),
                             corpus=corpus.describe(), seed=recipe.seed, step=done, history=history,
-                            metrics={"val_loss": val}, dense=recipe.dense, snapshot_of=Path(out_path).name)
+                            metrics={"val_loss": val}, dense=recipe.dense, snapshot_of=Path(out_path).name,
+                            training=training)
         if done % recipe.checkpoint_every == 0 and done != recipe.steps:
             checkpoint(done)
     model.eval()
