@@ -46,7 +46,6 @@ measured on the shipped models are in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -59,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import circuitir as cir  # noqa: E402
 from circuitir.errors import UserError  # noqa: E402
+from circuitir.render.plots import write_results  # noqa: E402
 from circuitir.ir.circuit import Node, site_specs  # noqa: E402
 from circuitir.ir.masked import with_recordings  # noqa: E402
 from circuitir.ir.trace import trace  # noqa: E402
@@ -516,16 +516,13 @@ def plot(out: dict, path) -> None:
     plt.close(fig)
 
 
-def jsonable(value):
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+def numpy_to_json(value):
+    """``json.dumps`` default for the numpy values in the results."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
-    return value
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def main(argv=None) -> int:
@@ -561,11 +558,7 @@ def main(argv=None) -> int:
                      "seed": args.seed}
     print_report(out)
     print(f"({out['seconds']:.0f} s)")
-    if args.plot:
-        plot(out, args.plot)
-        print(f"figure: {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(jsonable(out), indent=1))
+    write_results(out, plot, args.plot, args.json, json_default=numpy_to_json)
     return 0
 
 

@@ -90,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import circuitir as cir  # noqa: E402
 from circuitir.data.corpus import EXCLUDED_PARTS, default_corpus_dir, is_validation, python_files  # noqa: E402
 from circuitir.errors import UserError  # noqa: E402
+from circuitir.render.plots import write_results  # noqa: E402
 from circuitir.tasks.user_prompts import prompt_agreement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,11 +500,7 @@ def main(argv=None) -> int:
                      "brackets_circuit": args.brackets_circuit, "prompts_dir": args.prompts_dir}
     print_report(out)
     print(f"({out['seconds']:.0f} s)")
-    if args.plot:
-        plot(out, args.plot)
-        print(f"figure: {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_results(out, plot, args.plot, args.json)
     return 0
 
 

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import circuitir as cir  # noqa: E402
 from circuitir.errors import UserError  # noqa: E402
+from circuitir.render.plots import write_results  # noqa: E402
 from circuitir.models.checkpoint import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,11 +303,7 @@ def main(argv=None) -> int:
     print()
     print_report(out)
     print(f"({out['seconds']:.0f} s; circuits in {out_dir})")
-    if args.plot:
-        plot(out, args.plot)
-        print(f"figure: {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_results(out, plot, args.plot, args.json, json_default=str)
     return 0
 
 

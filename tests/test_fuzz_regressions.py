@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from circuitir.cli import main
-from circuitir.errors import UserError
 from circuitir.grammar import CirSyntaxError, emit, format_text, parse
 from circuitir.grammar import schema as S
 

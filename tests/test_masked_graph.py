@@ -17,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from circuitir.ir.ablation import norm_scales
 from circuitir.ir.masked import ablate, freeze_norms, mask_graph
 from circuitir.ir.trace import trace
 from circuitir.passes.prune import MaskedLoss

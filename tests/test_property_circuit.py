@@ -11,7 +11,6 @@ and the tokens; a failure prints the drawn case, seed included, shrunk.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest

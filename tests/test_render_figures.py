@@ -136,3 +136,20 @@ def test_format_option_and_bad_input(tmp_path, capsys):
     assert main(["render", str(EXAMPLES / "bracket_toy.cir"), "-o", str(tmp_path / "c.bmp")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot render to .bmp" in err
+
+
+def test_write_results_draws_then_writes_json_whole(tmp_path, capsys):
+    """The benchmark scripts' ending: the figure through the caller's drawing function, the JSON through the
+    default hook, and a JSON that cannot be encoded leaves no file behind."""
+    import json
+
+    from circuitir.render.plots import write_results
+
+    drawn = []
+    write_results({"x": (1, 2), "n": {3}}, lambda out, path: drawn.append((out["x"], path)), "fig.png",
+                  str(tmp_path / "r.json"), json_default=sorted)
+    assert drawn == [((1, 2), "fig.png")] and capsys.readouterr().out == "figure: fig.png\n"
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": [1, 2], "n": [3]}
+    with pytest.raises(TypeError):
+        write_results({"n": {3}}, None, None, str(tmp_path / "bad.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -94,7 +94,6 @@ def _lower(graph_ir, keep, fills, norm_mode, frozen_scales, candidates, header) 
     config, model = graph_ir.config, graph_ir.graph_module
     cdict = config.to_dict()
     specs = site_specs(cdict, len(candidates))
-    spec_of = {s.name: s for s in specs}
     d_model, d_head = config.d_model, config.d_head
     kept = {name: set(torch.nonzero(m).flatten().tolist()) for name, m in keep.items()}
     const: dict[str, set[int]] = {name: set() for name in kept}

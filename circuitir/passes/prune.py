@@ -33,7 +33,7 @@ import torch
 from circuitir.errors import UserError
 from circuitir.ir.masked import last_position_only, mask_graph
 from circuitir.passes.manager import PipelineState, register
-from circuitir.tasks.evaluate import binary_loss, candidate_logits, encode_examples
+from circuitir.tasks.evaluate import binary_loss, encode_examples
 
 
 class HeavisideSTE(torch.autograd.Function):

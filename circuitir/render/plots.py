@@ -34,3 +34,18 @@ def save_figure(fig, path) -> None:
     with atomic_path(path) as temp:
         fig.savefig(temp, format=suffix)
     plt.close(fig)
+
+
+def write_results(out: dict, draw=None, plot_path: str | None = None, json_path: str | None = None,
+                  json_default=None) -> None:
+    """The ending the benchmark scripts share: ``draw(out, plot_path)`` when a figure was asked for (and say
+    where it went), then ``out`` as JSON to ``json_path``; both written whole or not at all."""
+    import json
+
+    from circuitir.models.checkpoint import atomic_write_text
+
+    if plot_path and draw is not None:
+        draw(out, plot_path)
+        print(f"figure: {plot_path}")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(out, indent=1, default=json_default) + "\n")

@@ -167,7 +167,7 @@ def if_ternary(rng):
     cond = rng.choice(CONDS)
     name = rng.choice(NAMES)
     head = preamble(rng) + f"def {rng.choice(FUNCS)}({name}):\n"
-    return pair((f"{head}    y = {name} if {cond}", " ", f"else 0\n"),
+    return pair((f"{head}    y = {name} if {cond}", " ", "else 0\n"),
                 (f"{head}    if {cond}", ":", f"\n        return {name}\n"))
 
 
