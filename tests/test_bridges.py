@@ -269,6 +269,27 @@ def test_joint_training_warm_started_from_a_trained_sparse_model(tmp_path, pair,
     assert sha(cut) == sha(out)
 
 
+def test_init_sparse_refuses_a_snapshot_taken_mid_anneal(capsys, tmp_path, pair, tiny_corpus):
+    """A --keep-every snapshot from before the anneal ended is denser than its recipe's density; joint training
+    would project it there at once. One line, exit 2; a snapshot from after the anneal is taken."""
+    from circuitir.models.train import PRESETS, Recipe, snapshot_path, train
+    dense, _ = pair
+    start_recipe = Recipe(**PRESETS["tiny"].to_dict())
+    start_recipe.model.update(n_layer=2, block_size=BLOCK)
+    start_recipe.steps, start_recipe.corpus, start_recipe.density = 8, str(tiny_corpus), 0.25
+    start_recipe.anneal_end = 0.5
+    run = tmp_path / "run.pt"
+    train(start_recipe, str(run), progress=False, keep_every=2)
+    code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", snapshot_path(run, 2),
+                             "--steps", "1", "--batch-size", "2", "-o", tmp_path / "o.pt", "--quiet")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "is step 2 of 8, taken before its weights had annealed to density 0.25 (at step 4)" in err
+    assert not (tmp_path / "o.pt").exists()
+    code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", snapshot_path(run, 4),
+                             "--steps", "1", "--batch-size", "2", "-o", tmp_path / "o.pt", "--quiet")
+    assert code == 0, err
+
+
 def test_init_sparse_refuses_a_dense_start_and_sparse_together(capsys, tmp_path, pair):
     dense, sparse = pair
     code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--sparse", sparse, "--init-sparse",
