@@ -157,3 +157,18 @@ def default_sigint() -> None:
     ignored, and the child would inherit that and never see the test's Ctrl-C."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for_cpu_seconds(proc, seconds: float, timeout: float = 120) -> None:
+    """Wait until child ``proc`` has used ``seconds`` of CPU time (Linux ``/proc``): past its imports and into
+    its work however loaded the machine is, where a wall-clock sleep can signal a child still importing."""
+    import os
+    import time
+    ticks = os.sysconf("SC_CLK_TCK")
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks >= seconds:  # utime + stime
+            return
+        time.sleep(0.1)

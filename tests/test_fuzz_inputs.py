@@ -20,7 +20,7 @@ from circuitir.models.checkpoint import FORMAT, FORMAT_VERSION, load_model, save
 from circuitir.models.gpt import SparseGPT
 from circuitir.models.tokenizer import ByteTokenizer
 
-from conftest import default_sigint, randomize_, tiny_config
+from conftest import default_sigint, randomize_, tiny_config, wait_for_cpu_seconds
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BRACKET = EXAMPLES / "bracket_toy.cir"
@@ -361,7 +361,7 @@ def test_extract_interrupted_writes_nothing(tmp_path, bracket_model, sig, code, 
                              "-o", str(out), "--pipeline", pipeline, "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
                             preexec_fn=default_sigint)
-    time.sleep(8)  # imports done, the mask being learned
+    wait_for_cpu_seconds(proc, 6)  # imports done (about 2 s of CPU), the mask being learned
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err.decode()
