@@ -135,6 +135,24 @@ def test_steered_graph_adds_at_the_read(make_model, random_tokens):
     torch.testing.assert_close(graph(tokens), by_hand, rtol=1e-6, atol=1e-6)
 
 
+def test_steered_graph_adds_to_the_residual_stream(make_model, random_tokens):
+    """into="residual": the change is in the stream every later sublayer reads, i.e. the dense suffix run from
+    the shifted residual; the read-only change at the same boundary differs from it."""
+    model = make_model(seed=3)
+    tokens = random_tokens(batch=2, length=16)
+    delta = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    graph_ir = trace(model)
+    graph = steered_graph(graph_ir, "1.attn", delta, "residual")
+    torch.testing.assert_close(graph(tokens), model(tokens), rtol=0, atol=0)
+    graph.steer_strength.fill_(0.5)
+    _, h = residuals(graph_ir)(tokens)
+    by_hand = suffix(graph_ir, "1.attn")(tokens, h["1.attn"] + 0.5 * delta)
+    torch.testing.assert_close(graph(tokens), by_hand, rtol=1e-5, atol=1e-5)
+    read_only = steered_graph(graph_ir, "1.attn", delta, "read")
+    read_only.steer_strength.fill_(0.5)
+    assert not torch.allclose(read_only(tokens), by_hand, atol=1e-3)
+
+
 def test_parse_strengths():
     assert parse_strengths("0,0.25, 1") == [0.0, 0.25, 1.0]
     from circuitir.errors import UserError
@@ -345,6 +363,31 @@ def test_steer_cli(capsys, bridged, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_steer_boundary_alone_takes_every_channel_there(capsys, bridged):
+    """--boundary alone: every sparse channel at that boundary, the ceiling of what the bridge carries; with
+    --node it must agree with the node's boundary, and it must be one of the bridge's boundaries."""
+    dense, out = bridged
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                "--boundary", "1.mlp", "--strength", "0,1", "-n", "6", "--json")
+    assert code == 0, err
+    every = json.loads(stdout)
+    assert every["boundary"] == "1.mlp" and every["channels"] == list(range(12))
+    assert every["bridge"][0] == every["random"][0]
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                "--node", "1.mlp.act_in[3]", "--strength", "0,1", "-n", "6", "--json")
+    one = json.loads(stdout)
+    assert one["bridge"][0] == every["bridge"][0]  # the same dense model at strength 0
+    assert one["mean_delta_norm"] < every["mean_delta_norm"]
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                "--boundary", "1.mlp", "--strength", "0,1", "-n", "6")
+    assert code == 0 and "steering all 12 channels at 1.mlp" in stdout
+    for args, message in ((("--boundary", "2.attn"), "--boundary 2.attn: not a bridge boundary (one of 0.attn"),
+                          (("--boundary", "final", "--node", "1.mlp.act_in[3]"),
+                           "--node 1.mlp.act_in[3] is at boundary 1.mlp, not --boundary final")):
+        code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "quotes", *args)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
 def write_task_lines(path, rows) -> None:
     path.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.correct, "alternative": e.alternative,
                                         "split": split}) + "\n" for e, split in rows))
@@ -428,8 +471,9 @@ def test_hash_and_tokenizer_mismatch(capsys, bridged, tmp_path, make_model, tiny
     assert code == 2 and "different tokenizer" in err and not target.exists()
 
 
-def test_bridge_eval_of_identity_bridges_between_one_model(capsys, tmp_path, make_model, tiny_corpus):
-    """A model bridged to itself by identity maps: every NMSE and KL is 0, every hybrid loss the model's."""
+@pytest.fixture
+def self_bridged(tmp_path, make_model, tiny_corpus):
+    """A model bridged to itself by identity maps."""
     from circuitir.models.bridges import save_deterministic
     model = make_model(seed=4, block_size=BLOCK)
     dense = tmp_path / "dense.pt"
@@ -441,6 +485,39 @@ def test_bridge_eval_of_identity_bridges_between_one_model(capsys, tmp_path, mak
     out = tmp_path / "self.pt"
     save_deterministic(out, model, ByteTokenizer(), recipe={"corpus": str(tiny_corpus)},
                        bridge=bridges.state_dict(), bridge_config=bridges.config(), dense_sha256=digest)
+    return dense, out
+
+
+@pytest.mark.parametrize("into", ["read", "residual"])
+def test_steering_every_channel_through_identity_bridges_gives_the_counterfactual(capsys, self_bridged, into):
+    """A model bridged to itself: every channel at the final boundary at strength 1 replaces each prompt's final
+    read with its contrast partner's, so the 'other' answer gets the probability the partner gives its own
+    answer (and the actual one the probability the partner gives the other). Into the residual stream the
+    partner's final residual arrives rescaled to the prompt's RMS, which the final norm removes."""
+    from circuitir.models.checkpoint import load_model
+    from circuitir.runtime.steer import contrast_pairs
+    from circuitir.tasks import get_task
+    from circuitir.tasks.evaluate import encode_examples
+    dense, out = self_bridged
+    code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                "--boundary", "final", "--strength", "0,1", "-n", "8", "--into", into, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["into"] == into
+    task, loaded = get_task("single_double_quote"), load_model(dense)
+    partners = encode_examples(task, [b for _, b in contrast_pairs(task, 8, 0)], loaded.tokenizer, BLOCK)
+    with torch.no_grad():
+        probs = loaded.model(partners.tokens)[torch.arange(len(partners.last)), partners.last].softmax(-1)
+    own = float(probs.gather(-1, partners.correct[:, None]).mean())
+    theirs = float(probs.gather(-1, partners.alternative[:, None]).mean())
+    assert result["bridge"][1]["p_other"] == pytest.approx(own, rel=1e-4)
+    assert result["bridge"][1]["p_correct"] == pytest.approx(theirs, rel=1e-4)
+    assert result["bridge"][0]["p_other"] != pytest.approx(own, rel=1e-3)  # strength 1 did move it
+
+
+def test_bridge_eval_of_identity_bridges_between_one_model(capsys, self_bridged):
+    """A model bridged to itself by identity maps: every NMSE and KL is 0, every hybrid loss the model's."""
+    dense, out = self_bridged
     code, stdout, err = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", "8",
                                 "--windows", "2", "--json")
     assert code == 0, err

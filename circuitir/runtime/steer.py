@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitir.errors import UserError
-from circuitir.ir.bridge import hybrid, residuals
+from circuitir.ir.bridge import hybrid, residual_node, residuals
 from circuitir.ir.masked import _copy, device_of
 from circuitir.ir.trace import trace
 from circuitir.models.bridges import kl_divergence, load_bridged, nmse
@@ -183,11 +183,19 @@ def add_to_read(x: torch.Tensor, delta: torch.Tensor, strength: torch.Tensor) ->
     return x + strength * delta
 
 
-def steered_graph(dense_ir, point: str, delta: torch.Tensor):
-    """A copy of the dense graph adding ``strength * delta`` to the post-norm read at ``point``."""
+INTO = ("read", "residual")
+
+
+def steered_graph(dense_ir, point: str, delta: torch.Tensor, into: str = "read"):
+    """A copy of the dense graph adding ``strength * delta`` at ``point``: to the post-norm read there (only the
+    sublayer at ``point`` sees it), or with ``into="residual"`` to the residual stream (every later sublayer and
+    the unembedding see it, as in the sparse→dense hybrid)."""
     module = _copy(dense_ir, class_name="SteeredGraph")
-    norm_path = dense_ir.norms[point]
-    node = next(n for n in module.graph.nodes if n.op == "call_module" and n.target == norm_path)
+    if into == "residual":
+        node = residual_node(module, dense_ir, point)
+    else:
+        norm_path = dense_ir.norms[point]
+        node = next(n for n in module.graph.nodes if n.op == "call_module" and n.target == norm_path)
     module.register_buffer("steer_delta", delta)
     module.register_buffer("steer_strength", torch.zeros(()))
     graph = module.graph
@@ -203,16 +211,30 @@ def steered_graph(dense_ir, point: str, delta: torch.Tensor):
 
 @torch.no_grad()
 def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list[float],
-          circuit_path: str | None = None, n: int = 64, seed: int = 0, device=None) -> dict:
+          circuit_path: str | None = None, n: int = 64, seed: int = 0, device=None,
+          boundary: str | None = None, into: str = "read") -> dict:
+    """Steer the dense model along sparse read channels decoded through the bridge (PAPER A.4): one channel
+    (``node``), a circuit's channels at a boundary (``circuit_path``; the first boundary it has channels at,
+    or ``boundary``), or, with ``boundary`` alone, every channel there: what the bridge carries at all.
+    ``into``: the decoded change is added to the dense read at the boundary (the issue's reading of A.4) or to
+    the dense residual stream there (:func:`steered_graph`); the random baseline gets the same treatment."""
+    if into not in INTO:
+        raise UserError(f"--into {into}: use one of {', '.join(INTO)}")
     from circuitir.tasks import check_task_tokens, get_task
     dense, sparse, bridges = load_models(bridged_path, dense_path, device)
     task_obj = get_task(task)
     check_task_tokens([task_obj], dense.tokenizer)
-    if node is None and circuit_path is None:
-        raise UserError("give --node SITE[c] or --circuit C.cir")
+    if node is None and circuit_path is None and boundary is None:
+        raise UserError("give --node SITE[c], --circuit C.cir or --boundary B")
+    if boundary is not None and boundary not in bridges.points:
+        raise UserError(f"--boundary {boundary}: not a bridge boundary (one of {', '.join(bridges.points)})")
     if node is not None:
         point, channel = parse_channel(node, sparse.config)
         channels = [channel]
+        if boundary is not None and boundary != point:
+            raise UserError(f"--node {node} is at boundary {point}, not --boundary {boundary}")
+    elif boundary is not None:
+        point, channels = boundary, list(range(sparse.config.d_model))
     if circuit_path is not None:
         from circuitir.api import load
         circuit = load(circuit_path)
@@ -222,7 +244,7 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
                 reads.setdefault(boundary_of(kept.site, sparse.config), []).append(kept.index)
             except UserError:
                 continue
-        if node is None:
+        if node is None and boundary is None:
             if not reads:
                 raise UserError(f"{circuit_path}: the circuit has no residual-read channel at a bridge boundary")
             point = next(p for p in bridges.points if p in reads)
@@ -250,14 +272,18 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
     delta_act = delta_act * valid                                              # padding positions: no change
     rms_ratio = s_norm.inverse_scale(sparse_h[point]).reciprocal() * d_norm.inverse_scale(dense_h[point])
     back = delta_act / s_norm.weight[cols]                                     # Δ sparse residual / rms_s
-    delta = (back @ bridges.decoder(point).weight[:, cols].T) * rms_ratio * d_norm.weight  # (N, T, d_dense)
+    decoded = back @ bridges.decoder(point).weight[:, cols].T                  # Δ dense residual / rms_s
+    if into == "residual":
+        delta = decoded * s_norm.inverse_scale(sparse_h[point]).reciprocal()    # (N, T, d_dense)
+    else:
+        delta = decoded * rms_ratio * d_norm.weight                            # the same, as the read sees it
     generator = torch.Generator().manual_seed(seed + 12345)
     direction = torch.randn(delta.shape[-1], generator=generator).to(where)  # drawn on the CPU: same on any device
     direction = direction / direction.norm()
     random_delta = direction * delta.norm(dim=-1, keepdim=True)
     rows = {}
     for name, d in (("bridge", delta), ("random", random_delta)):
-        graph = steered_graph(dense_ir, point, d)
+        graph = steered_graph(dense_ir, point, d, into)
         rows[name] = []
         for strength in strengths:
             graph.steer_strength.fill_(strength)
@@ -267,7 +293,7 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
             rows[name].append({"strength": strength, "p_correct": float(p_correct.mean()),
                                "p_other": float(p_other.mean()),
                                "other_wins": float((p_other > p_correct).float().mean())})
-    result = {"task": task_obj.name, "boundary": point, "channels": channels, "n": len(pairs),
+    result = {"task": task_obj.name, "boundary": point, "into": into, "channels": channels, "n": len(pairs),
               "strengths": strengths, "bridge": rows["bridge"], "random": rows["random"],
               "mean_delta_norm": float(delta.norm(dim=-1).sum() / valid.sum())}
     for name in ("bridge", "random"):
