@@ -776,11 +776,15 @@ def cmd_bridge_eval(args) -> int:
     head = f"{'boundary':9s} {'NMSE enc':>9s} {'NMSE dec':>9s} {'KL d→s':>8s} {'KL s→d':>8s} {'LM d→s':>8s} {'LM s→d':>8s}"
     print(head + (f" {'task d→s':>9s} {'task s→d':>9s}" if task else ""))
     for row in result["boundaries"]:
+        mark = {way: "*" if row[f"closer_{way}"] else " " for way in ("d2s", "s2d")}
         line = (f"{row['boundary']:9s} {row['nmse_enc']:9.4f} {row['nmse_dec']:9.4f} {row['kl_d2s']:8.4f} "
-                f"{row['kl_s2d']:8.4f} {row['lm_loss_d2s']:8.4f} {row['lm_loss_s2d']:8.4f}")
+                f"{row['kl_s2d']:8.4f} {row['lm_loss_d2s']:7.4f}{mark['d2s']} {row['lm_loss_s2d']:7.4f}{mark['s2d']}")
         if task:
             line += f" {row['task_loss_d2s']:9.4f} {row['task_loss_s2d']:9.4f}"
         print(line)
+    closer = sum(row[f"closer_{way}"] for row in result["boundaries"] for way in ("d2s", "s2d"))
+    print(f"* hybrid's LM loss closer to the dense model's than the sparse model's is: {closer} of "
+          f"{2 * len(result['boundaries'])} hybrids")
     return 0
 
 

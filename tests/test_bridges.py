@@ -347,6 +347,14 @@ def test_bridge_eval_cli(capsys, bridged):
     result = json.loads(stdout)
     assert [row["boundary"] for row in result["boundaries"]] == ["0.attn", "0.mlp", "1.attn", "1.mlp", "final"]
     assert all(row["kl_d2s"] >= 0 and row["nmse_enc"] >= 0 and "task_loss_s2d" in row for row in result["boundaries"])
+    dense_loss, gap = result["dense"]["lm_loss"], abs(result["sparse"]["lm_loss"] - result["dense"]["lm_loss"])
+    for row in result["boundaries"]:
+        for way in ("d2s", "s2d"):
+            assert row[f"closer_{way}"] is (abs(row[f"lm_loss_{way}"] - dense_loss) < gap)
+    code, stdout, _ = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "-n", "8", "--windows", "2")
+    closer = sum(row[f"closer_{way}"] for row in result["boundaries"] for way in ("d2s", "s2d"))
+    assert code == 0 and stdout.count("*") == closer + 1  # one per closer hybrid, one in the legend
+    assert f"than the sparse model's is: {closer} of 10 hybrids" in stdout
 
 
 def test_steer_cli(capsys, bridged, tmp_path):

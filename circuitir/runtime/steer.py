@@ -106,6 +106,10 @@ def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256,
                "kl_d2s": float(kl_divergence(dense_logits, d2s_logits)),
                "kl_s2d": float(kl_divergence(dense_logits, s2d_logits)),
                "lm_loss_d2s": _lm_loss(d2s_logits, targets), "lm_loss_s2d": _lm_loss(s2d_logits, targets)}
+        # The paper's bar for a hybrid: its loss closer to the dense model's than the sparse model's is.
+        gap = abs(out["sparse"]["lm_loss"] - out["dense"]["lm_loss"])
+        for way in ("d2s", "s2d"):
+            row[f"closer_{way}"] = abs(row[f"lm_loss_{way}"] - out["dense"]["lm_loss"]) < gap
         if task_obj:
             row["task_loss_d2s"] = _task_loss(_WithConfig(d2s, sparse.config), task_obj, dense.tokenizer, n)
             row["task_loss_s2d"] = _task_loss(_WithConfig(s2d, dense.config), task_obj, dense.tokenizer, n)
