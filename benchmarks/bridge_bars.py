@@ -9,7 +9,9 @@
    quotes circuit's residual-read channels, the one that best separates a prompt
    from its contrast partner (``runtime/steer.py: contrast_channels``) at each
    boundary; the script steers along the best-scoring one, and along all the
-   circuit's channels at that boundary.
+   circuit's channels at that boundary. A third row, not a bar, steers along
+   every sparse channel there: the most the bridge can carry (``steer --boundary``).
+   ``--into residual`` puts the decoded change into the dense residual stream.
 3. A circuit of the bridged sparse model passes ``check`` (``--quotes``, a quotes
    circuit of the bridged model; the shipped one is ``examples/bridged-quotes.cir``;
    ``--no-control`` leaves out check's controls, as ``circuitir check --no-control``).
@@ -28,9 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuitir.api import load  # noqa: E402
-from circuitir.errors import UserError  # noqa: E402
 from circuitir.render.plots import write_results  # noqa: E402
-from circuitir.runtime.steer import boundary_of, bridge_eval, contrast_channels, steer  # noqa: E402
+from circuitir.runtime.steer import bridge_eval, circuit_reads, contrast_channels, steer  # noqa: E402
 from circuitir.tasks import get_task  # noqa: E402
 
 TASK = "single_double_quote"
@@ -71,15 +72,9 @@ def main() -> int:
     from circuitir.models.bridges import load_bridged
     loaded, _ = load_bridged(args.bridged)
     circuit = load(args.quotes)
-    reads: dict[str, list[int]] = {}
-    for node in circuit.kept_nodes():
-        try:
-            reads.setdefault(boundary_of(node.site, loaded.config), []).append(node.index)
-        except UserError:  # not a residual read
-            continue
     best = None
-    for point, channels in reads.items():
-        ranked = contrast_channels(loaded.model, get_task(TASK), point, sorted(set(channels)))
+    for point, channels in circuit_reads(circuit, loaded.config).items():
+        ranked = contrast_channels(loaded.model, get_task(TASK), point, channels)
         print(f"  {point:7s} best separating channels: "
               + ", ".join(f"{r['channel']} ({r['score']:.2f})" for r in ranked[:3]))
         if best is None or ranked[0]["score"] > best[1]["score"]:

@@ -40,7 +40,7 @@ import torch
 
 from circuitir.errors import UserError
 from circuitir.grammar import emit
-from circuitir.models.checkpoint import load_model
+from circuitir.models.checkpoint import atomic_write_text, load_model
 from circuitir.passes import DEFAULT_PIPELINE, parse_pipeline, pipeline_text
 from circuitir.runtime.extract import extract
 from circuitir.tasks import TASKS, get_task
@@ -243,7 +243,7 @@ def main() -> None:
         d = results["determinism"]
         say(f"determinism ({d['task']}): {'byte-identical' if d['byte_identical'] else 'DIFFERENT'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         say(f"wrote {args.json}")
 
 

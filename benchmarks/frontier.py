@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         plot(rows, models, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": {m: {t: {str(k): v for k, v in s.items()}
-                                                             for t, s in per.items()} for m, per in sizes.items()},
-                                               "rows": rows, "pairwise": pairs}, indent=1))
+        atomic_write_text(args.json, json.dumps({"sizes": {m: {t: {str(k): v for k, v in s.items()}
+                                                               for t, s in per.items()} for m, per in sizes.items()},
+                                                 "rows": rows, "pairwise": pairs}, indent=1))
     return 0
 
 

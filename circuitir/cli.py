@@ -789,7 +789,7 @@ def cmd_bridge_eval(args) -> int:
 
 
 def cmd_steer(args) -> int:
-    from circuitir.runtime.steer import parse_strengths, plot_steering, steer
+    from circuitir.runtime.steer import parse_strengths, plot_steering, steer, steering_label
 
     strengths = parse_strengths(args.strength)
     if args.plot:
@@ -802,9 +802,7 @@ def cmd_steer(args) -> int:
     if args.json:
         print_json(result)
         return 0
-    channels = result["channels"]
-    named = f"all {len(channels)} channels" if len(channels) > 8 else f"channel(s) {channels}"
-    print(f"{result['task']}: steering {named} at {result['boundary']} (into the {result['into']}) "
+    print(f"{result['task']}: steering {steering_label(result)} "
           f"({result['n']} held-out prompts; P = dense model's mean next-token probability)")
     print(f"{'strength':>8s} {'P(actual)':>10s} {'P(other)':>9s} {'random P(actual)':>17s} {'random P(other)':>16s}")
     for b, r in zip(result["bridge"], result["random"]):
@@ -1174,15 +1172,16 @@ def add_bridge_parsers(sub) -> None:
                             "with the line whose answers are its own swapped and whose prompt has as many "
                             "characters")
     p.add_argument("--node", help="sparse read channel: {L}.attn.act_in[c], {L}.mlp.act_in[c] or final_resid[c]")
-    p.add_argument("--circuit", help="steer along all of this circuit's channels at the boundary (the first it "
-                                     "has channels at, or --boundary)")
+    p.add_argument("--circuit", help="steer along all of this circuit's channels at a boundary (the first it "
+                                     "has channels at, or --boundary); not with --node")
     p.add_argument("--boundary", help="0.attn, 0.mlp, ..., final: with --circuit, its channels there; alone, every "
                                       "sparse channel there (what the bridge carries at all, a ceiling for one "
                                       "channel or a circuit)")
     p.add_argument("--into", choices=("read", "residual"), default="read",
-                   help="where the decoded change goes: the dense read at the boundary (only that sublayer sees "
-                        "it; PAPER A.4 as the issue words it) or the dense residual stream there (every later "
-                        "sublayer sees it, as in the sparse->dense hybrid) [default: read]")
+                   help="where the decoded change goes: the dense read at the boundary, rescaled by the ratio of "
+                        "residual RMS (only that sublayer sees it; PAPER A.4) or the dense residual stream there "
+                        "(every later sublayer sees it: the change the sparse->dense hybrid would see) "
+                        "[default: read]")
     p.add_argument("--strength", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
     p.add_argument("-n", type=int, default=64, help="held-out prompts [default: 64]")
     p.add_argument("--seed", type=int, default=0)

@@ -172,3 +172,4 @@ def wait_for_cpu_seconds(proc, seconds: float, timeout: float = 120) -> None:
         if (int(fields[11]) + int(fields[12])) / ticks >= seconds:  # utime + stime
             return
         time.sleep(0.1)
+    raise AssertionError(f"the child did not use {seconds} s of CPU within {timeout} s (exit code {proc.poll()})")

@@ -301,9 +301,12 @@ def test_init_sparse_refuses_a_snapshot_taken_mid_anneal(capsys, tmp_path, pair,
     code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", snapshot_path(run, 2),
                              "--steps", "1", "--batch-size", "2", "-o", tmp_path / "o.pt", "--quiet")
     assert code == 2 and out == "" and err.count("\n") == 1, err
-    assert "is step 2 of 8, taken before its weights had annealed to density 0.25 (at step 4)" in err
-    assert not (tmp_path / "o.pt").exists()
+    assert "is step 2 of 8, taken before its weights had annealed to density 0.25 (from step 5 on)" in err
     code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", snapshot_path(run, 4),
+                             "--steps", "1", "--batch-size", "2", "-o", tmp_path / "o.pt", "--quiet")
+    assert code == 2 and "is step 4 of 8" in err  # projected last at step index 3, still above 0.25
+    assert not (tmp_path / "o.pt").exists()
+    code, out, err = run_cli(capsys, "bridge", "train", "--dense", dense, "--init-sparse", snapshot_path(run, 6),
                              "--steps", "1", "--batch-size", "2", "-o", tmp_path / "o.pt", "--quiet")
     assert code == 0, err
 
@@ -388,11 +391,36 @@ def test_steer_boundary_alone_takes_every_channel_there(capsys, bridged):
     assert one["mean_delta_norm"] < every["mean_delta_norm"]
     code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
                                 "--boundary", "1.mlp", "--strength", "0,1", "-n", "6")
-    assert code == 0 and "steering all 12 channels at 1.mlp" in stdout
+    assert code == 0 and "steering all 12 channels at 1.mlp (into the read)" in stdout
     for args, message in ((("--boundary", "2.attn"), "--boundary 2.attn: not a bridge boundary (one of 0.attn"),
                           (("--boundary", "final", "--node", "1.mlp.act_in[3]"),
                            "--node 1.mlp.act_in[3] is at boundary 1.mlp, not --boundary final")):
         code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "quotes", *args)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_steer_along_a_circuit_at_a_chosen_boundary(capsys):
+    """--circuit with --boundary: that boundary's circuit channels (the first boundary it has channels at
+    without it); a boundary it has none at, or --node beside --circuit, is one line and exit 2. On the shipped
+    bridged model and its quotes circuit (channels at 0.mlp, 1.attn, 1.mlp and final)."""
+    from circuitir.api import load
+    from circuitir.models.checkpoint import load_model
+    from circuitir.runtime.steer import circuit_reads
+    repo = Path(__file__).resolve().parent.parent
+    out, dense, circuit = repo / "models/bridged.pt", repo / "models/dense.pt", repo / "examples/bridged-quotes.cir"
+    reads = circuit_reads(load(circuit), load_model(out).config)
+    assert sorted(reads) == ["0.mlp", "1.attn", "1.mlp", "final"] and len(reads["1.attn"]) == 23
+    for option, point in (((), "0.mlp"), (("--boundary", "1.attn"), "1.attn")):
+        code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
+                                    "--circuit", circuit, *option, "--strength", "0,1", "-n", "4", "--json")
+        assert code == 0, err
+        result = json.loads(stdout)
+        assert (result["boundary"], result["channels"], result["selection"]) == (point, reads[point], "circuit")
+    for args, message in ((("--node", "1.attn.act_in[3]"), "give --node or --circuit, not both"),
+                          (("--boundary", "0.attn"), "the circuit has no channel at boundary 0.attn (it has some "
+                                                     "at 0.mlp, 1.attn, 1.mlp, final)")):
+        code, _, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "quotes", "--circuit", circuit,
+                               *args)
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
@@ -496,19 +524,21 @@ def self_bridged(tmp_path, make_model, tiny_corpus):
     return dense, out
 
 
-@pytest.mark.parametrize("into", ["read", "residual"])
-def test_steering_every_channel_through_identity_bridges_gives_the_counterfactual(capsys, self_bridged, into):
-    """A model bridged to itself: every channel at the final boundary at strength 1 replaces each prompt's final
-    read with its contrast partner's, so the 'other' answer gets the probability the partner gives its own
-    answer (and the actual one the probability the partner gives the other). Into the residual stream the
-    partner's final residual arrives rescaled to the prompt's RMS, which the final norm removes."""
+@pytest.mark.parametrize("into, boundary", [("read", "final"), ("residual", "final"), ("residual", "0.mlp"),
+                                            ("residual", "1.attn")])
+def test_steering_every_channel_through_identity_bridges_gives_the_counterfactual(capsys, self_bridged, into,
+                                                                                 boundary):
+    """A model bridged to itself: every channel at strength 1 moves each prompt to its contrast partner, so the
+    'other' answer gets the probability the partner gives its own answer (and the actual one the probability
+    the partner gives the other). Into the read that holds at the final boundary (the only read there); into
+    the residual stream, at any boundary (everything after it reads the partner's stream)."""
     from circuitir.models.checkpoint import load_model
     from circuitir.runtime.steer import contrast_pairs
     from circuitir.tasks import get_task
     from circuitir.tasks.evaluate import encode_examples
     dense, out = self_bridged
     code, stdout, err = run_cli(capsys, "steer", out, "--dense", dense, "--task", "single_double_quote",
-                                "--boundary", "final", "--strength", "0,1", "-n", "8", "--into", into, "--json")
+                                "--boundary", boundary, "--strength", "0,1", "-n", "8", "--into", into, "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["into"] == into

@@ -267,13 +267,16 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         sparse_model = start.model.train()  # as a fresh or resumed run's model (load_model returns eval mode)
         sparse_train = Recipe(**start.meta["recipe"])
         step = start.meta.get("step")
-        if step is not None and density_at(step, sparse_train.steps, sparse_train.density, sparse_train.anneal_start,
-                                           sparse_train.anneal_end) > sparse_train.density:
-            # Its weights are denser than the recipe's density, which every joint step would project them to.
+        # After step k, train's weights were last projected at step index k - 1: if that was still above the
+        # recipe's density, every joint step would project them down to it at once.
+        if step is not None and density_at(step - 1, sparse_train.steps, sparse_train.density,
+                                           sparse_train.anneal_start, sparse_train.anneal_end) > sparse_train.density:
+            annealed = next(k for k in range(1, sparse_train.steps + 1)
+                            if density_at(k - 1, sparse_train.steps, sparse_train.density, sparse_train.anneal_start,
+                                          sparse_train.anneal_end) <= sparse_train.density)
             raise UserError(f"{init_sparse} is step {step} of {sparse_train.steps}, taken before its weights had "
-                            f"annealed to density {sparse_train.density:g} (at step "
-                            f"{math.ceil(sparse_train.anneal_end * sparse_train.steps)}); warm-start from a later "
-                            "snapshot or the run's final checkpoint")
+                            f"annealed to density {sparse_train.density:g} (from step {annealed} on); warm-start "
+                            "from a later snapshot or the run's final checkpoint")
         recipe.init_sparse_sha256 = start.sha256
         recipe.sparse_recipe = sparse_train.to_dict()  # what a resumed run rebuilds the model from
         sparse_sha, sparse_meta = None, {"recipe": sparse_train.to_dict()}

@@ -13,8 +13,13 @@
   of residual RMS (rms_s/rms_d, measured per token on the actual prompt) and the
   two norms' gains. ``strength`` times this is added to the dense model's
   post-norm read at boundary ``i`` by a graph rewrite (a node after the norm
-  node of a copy of the dense graph). The baseline adds one random direction
-  (fixed seed) with the same per-token norm.
+  node of a copy of the dense graph). With ``into="residual"`` the change goes
+  into the dense residual stream instead, read by every later sublayer: the
+  sparse residual's channels moved to the partner's, through the decoder
+  columns, which is what the sparse→dense hybrid at ``i`` would see. The channels
+  are one node's, a circuit's at a boundary, or every one at a boundary (what the
+  bridge can carry at all). The baseline adds one random direction (fixed seed)
+  with the same per-token norm, at the same place.
 """
 
 from __future__ import annotations
@@ -142,6 +147,29 @@ def boundary_of(site: str, config) -> str:
                     f"{{L}}.attn.act_in[c], {{L}}.mlp.act_in[c] or final_resid[c])")
 
 
+def circuit_reads(circuit, config) -> dict[str, list[int]]:
+    """A circuit's residual-read channels, by bridge boundary (sorted; other nodes left out)."""
+    reads: dict[str, set[int]] = {}
+    for kept in circuit.kept_nodes():
+        try:
+            reads.setdefault(boundary_of(kept.site, config), set()).add(kept.index)
+        except UserError:  # not a residual read
+            continue
+    return {point: sorted(channels) for point, channels in reads.items()}
+
+
+def steering_label(result: dict) -> str:
+    """What a steering result moved, in words: 'channel 37', 'the circuit's 23 channels', 'all 128 channels'."""
+    channels, selection = result["channels"], result.get("selection")
+    if selection == "boundary":
+        what = f"all {len(channels)} channels"
+    elif selection == "circuit":
+        what = f"the circuit's {len(channels)} channel{'s' * (len(channels) != 1)}"
+    else:
+        what = f"channel {channels[0]}" if len(channels) == 1 else f"channels {channels}"
+    return f"{what} at {result['boundary']} (into the {result.get('into', 'read')})"
+
+
 def parse_channel(text: str, config) -> tuple[str, int]:
     from circuitir.ir.circuit import parse_node
     try:
@@ -183,7 +211,7 @@ def _generated_pairs(task, n: int, seed: int, split: str) -> list[tuple]:
     return out
 
 
-def add_to_read(x: torch.Tensor, delta: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+def add_steering(x: torch.Tensor, delta: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     return x + strength * delta
 
 
@@ -206,7 +234,7 @@ def steered_graph(dense_ir, point: str, delta: torch.Tensor, into: str = "read")
     with graph.inserting_before(node):
         d, s = graph.get_attr("steer_delta"), graph.get_attr("steer_strength")
     with graph.inserting_after(node):
-        new = graph.call_function(add_to_read, (node, d, s))
+        new = graph.call_function(add_steering, (node, d, s))
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     graph.lint()
     module.recompile()
@@ -230,31 +258,30 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
     check_task_tokens([task_obj], dense.tokenizer)
     if node is None and circuit_path is None and boundary is None:
         raise UserError("give --node SITE[c], --circuit C.cir or --boundary B")
+    if node is not None and circuit_path is not None:
+        raise UserError("give --node or --circuit, not both (--boundary picks the circuit's boundary)")
     if boundary is not None and boundary not in bridges.points:
         raise UserError(f"--boundary {boundary}: not a bridge boundary (one of {', '.join(bridges.points)})")
     if node is not None:
+        selection = "node"
         point, channel = parse_channel(node, sparse.config)
         channels = [channel]
         if boundary is not None and boundary != point:
             raise UserError(f"--node {node} is at boundary {point}, not --boundary {boundary}")
-    elif boundary is not None:
-        point, channels = boundary, list(range(sparse.config.d_model))
-    if circuit_path is not None:
+    elif circuit_path is not None:
         from circuitir.api import load
-        circuit = load(circuit_path)
-        reads = {}
-        for kept in circuit.kept_nodes():
-            try:
-                reads.setdefault(boundary_of(kept.site, sparse.config), []).append(kept.index)
-            except UserError:
-                continue
-        if node is None and boundary is None:
-            if not reads:
-                raise UserError(f"{circuit_path}: the circuit has no residual-read channel at a bridge boundary")
-            point = next(p for p in bridges.points if p in reads)
+        selection = "circuit"
+        reads = circuit_reads(load(circuit_path), sparse.config)
+        if not reads:
+            raise UserError(f"{circuit_path}: the circuit has no residual-read channel at a bridge boundary")
+        point = boundary if boundary is not None else next(p for p in bridges.points if p in reads)
         if point not in reads:
-            raise UserError(f"{circuit_path}: the circuit has no channel at boundary {point}")
-        channels = sorted(set(reads[point]))
+            raise UserError(f"{circuit_path}: the circuit has no channel at boundary {point} (it has some at "
+                            f"{', '.join(p for p in bridges.points if p in reads)})")
+        channels = reads[point]
+    else:
+        selection = "boundary"
+        point, channels = boundary, list(range(sparse.config.d_model))
     if point not in bridges.points:
         raise UserError(f"boundary {point} has no bridge in {bridged_path}")
     pairs = contrast_pairs(task_obj, n, seed)
@@ -271,16 +298,17 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
     s_norm, d_norm = sparse.model.norms()[point], dense.model.norms()[point]
     reads_actual, reads_cf = s_norm(sparse_h[point]), s_norm(sparse_h_cf[point])
     cols = torch.tensor(channels, device=where)
-    delta_act = reads_cf[..., cols] - reads_actual[..., cols]                  # (N, T, C)
     valid = (torch.arange(tokens.shape[1], device=where)[None, :] <= last[:, None]).float()[..., None]
-    delta_act = delta_act * valid                                              # padding positions: no change
-    rms_ratio = s_norm.inverse_scale(sparse_h[point]).reciprocal() * d_norm.inverse_scale(dense_h[point])
-    back = delta_act / s_norm.weight[cols]                                     # Δ sparse residual / rms_s
-    decoded = back @ bridges.decoder(point).weight[:, cols].T                  # Δ dense residual / rms_s
+    w_dec = bridges.decoder(point).weight[:, cols]
     if into == "residual":
-        delta = decoded * s_norm.inverse_scale(sparse_h[point]).reciprocal()    # (N, T, d_dense)
+        # The sparse residual's channels moved to the partner's, decoded: the change the sparse->dense hybrid at
+        # this boundary would see.
+        delta = ((sparse_h_cf[point][..., cols] - sparse_h[point][..., cols]) * valid) @ w_dec.T  # (N, T, d_dense)
     else:
-        delta = decoded * rms_ratio * d_norm.weight                            # the same, as the read sees it
+        delta_act = (reads_cf[..., cols] - reads_actual[..., cols]) * valid       # (N, T, C); padding: no change
+        rms_ratio = s_norm.inverse_scale(sparse_h[point]).reciprocal() * d_norm.inverse_scale(dense_h[point])
+        back = delta_act / s_norm.weight[cols]                                     # Δ sparse residual / rms_s
+        delta = (back @ w_dec.T) * rms_ratio * d_norm.weight                       # (N, T, d_dense)
     generator = torch.Generator().manual_seed(seed + 12345)
     direction = torch.randn(delta.shape[-1], generator=generator).to(where)  # drawn on the CPU: same on any device
     direction = direction / direction.norm()
@@ -297,7 +325,8 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
             rows[name].append({"strength": strength, "p_correct": float(p_correct.mean()),
                                "p_other": float(p_other.mean()),
                                "other_wins": float((p_other > p_correct).float().mean())})
-    result = {"task": task_obj.name, "boundary": point, "into": into, "channels": channels, "n": len(pairs),
+    result = {"task": task_obj.name, "boundary": point, "into": into, "selection": selection,
+              "channels": channels, "n": len(pairs),
               "strengths": strengths, "bridge": rows["bridge"], "random": rows["random"],
               "mean_delta_norm": float(delta.norm(dim=-1).sum() / valid.sum())}
     for name in ("bridge", "random"):
@@ -319,9 +348,7 @@ def plot_steering(result: dict, path) -> None:
     ax.set_xlabel("steering strength")
     ax.set_ylabel("dense model probability")
     ax.set_ylim(0, 1)
-    channels = result["channels"]
-    named = ", ".join(map(str, channels)) if len(channels) <= 6 else f"{len(channels)} circuit channels"
-    ax.set_title(f"{result['task']}: steering {named} at {result['boundary']} (n={result['n']})", fontsize=9)
+    ax.set_title(f"{result['task']}: steering {steering_label(result)}, n={result['n']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
