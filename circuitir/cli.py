@@ -802,8 +802,8 @@ def cmd_steer(args) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"{result['task']}: steering {steering_label(result)} "
-          f"({result['n']} held-out prompts; P = dense model's mean next-token probability)")
+    print(f"{result['task']}: steering {steering_label(result)}; {result['n']} held-out prompts; "
+          "P = dense model's mean next-token probability")
     print(f"{'strength':>8s} {'P(actual)':>10s} {'P(other)':>9s} {'random P(actual)':>17s} {'random P(other)':>16s}")
     for b, r in zip(result["bridge"], result["random"]):
         print(f"{b['strength']:8.3g} {b['p_correct']:10.4f} {b['p_other']:9.4f} {r['p_correct']:17.4f} "

@@ -348,7 +348,7 @@ def plot_steering(result: dict, path) -> None:
     ax.set_xlabel("steering strength")
     ax.set_ylabel("dense model probability")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{result['task']}: steering {steering_label(result)}, n={result['n']}", fontsize=9)
+    ax.set_title(f"{result['task']}, {result['n']} held-out prompts\nsteering {steering_label(result)}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
