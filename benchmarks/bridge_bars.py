@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuitir.api import load  # noqa: E402
+from circuitir.errors import UserError  # noqa: E402
 from circuitir.render.plots import write_results  # noqa: E402
 from circuitir.runtime.steer import bridge_eval, circuit_reads, contrast_channels, steer  # noqa: E402
 from circuitir.tasks import get_task  # noqa: E402
@@ -51,6 +52,7 @@ def main() -> int:
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    circuit = load(args.quotes)  # before any work: a missing or malformed circuit stops it here
     out = {}
 
     print("== 1. hybrid forwards: pretraining loss (validation windows)")
@@ -71,7 +73,6 @@ def main() -> int:
     print("== 2. steering the dense model along the quote-type channel")
     from circuitir.models.bridges import load_bridged
     loaded, _ = load_bridged(args.bridged)
-    circuit = load(args.quotes)
     best = None
     for point, channels in circuit_reads(circuit, loaded.config).items():
         ranked = contrast_channels(loaded.model, get_task(TASK), point, channels)
@@ -117,4 +118,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:  # a missing or malformed input: one line, as the CLI says it
+        print(f"bridge_bars: error: {exc}", file=sys.stderr)
+        sys.exit(2)
