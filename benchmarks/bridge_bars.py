@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from circuitir.api import load  # noqa: E402
 from circuitir.errors import UserError  # noqa: E402
 from circuitir.render.plots import write_results  # noqa: E402
-from circuitir.runtime.steer import bridge_eval, circuit_reads, contrast_channels, steer  # noqa: E402
+from circuitir.runtime.steer import bridge_eval, circuit_reads, contrast_channels, steer, steering_label  # noqa: E402
 from circuitir.tasks import get_task  # noqa: E402
 
 TASK = "single_double_quote"
@@ -86,10 +86,9 @@ def main() -> int:
     out["steer"] = {}
     # The bar is on the channel and the circuit; every channel at the boundary is the ceiling: how far the
     # bridge moves the dense model when the whole sparse read changes to the contrast partner's.
-    steered = {"channel": (node, None, None, node, "bar 2 "),
-               "circuit": (None, args.quotes, point, "all circuit channels", "bar 2 "),
-               "every": (None, None, point, "every sparse channel", "ceiling, not a bar: ")}
-    for label, (one, circuit_path, boundary, what, kind) in steered.items():
+    steered = {"channel": (node, None, None, "bar 2 "), "circuit": (None, args.quotes, point, "bar 2 "),
+               "every": (None, None, point, "ceiling, not a bar: ")}
+    for label, (one, circuit_path, boundary, kind) in steered.items():
         result = steer(args.bridged, args.dense, TASK, one, [0, 0.25, 0.5, 0.75, 1], circuit_path, args.n,
                        boundary=boundary, into=args.into)
         out["steer"][label] = result
@@ -97,7 +96,7 @@ def main() -> int:
         r = [x["p_other"] for x in result["random"]]
         move, rand = b[-1] - b[0], r[-1] - r[0]
         ok = result["bridge_monotonic"] and move >= 0.3 and abs(rand) < move / 3
-        print(f"  {label:7s} {what} at {point}: "
+        print(f"  {label:7s} {steering_label(result)}: "
               f"P(other) {' '.join(f'{x:.3f}' for x in b)}; random {' '.join(f'{x:.3f}' for x in r)}")
         print(f"    move {move:+.4f} (monotonic {result['bridge_monotonic']}), random {rand:+.4f}: "
               f"{kind}{'PASS' if ok else 'FAIL'}")

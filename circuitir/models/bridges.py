@@ -267,13 +267,14 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         sparse_model = start.model.train()  # as a fresh or resumed run's model (load_model returns eval mode)
         sparse_train = Recipe(**start.meta["recipe"])
         step = start.meta.get("step")
-        # After step k, train's weights were last projected at step index k - 1: if that was still above the
-        # recipe's density, every joint step would project them down to it at once.
-        if step is not None and density_at(step - 1, sparse_train.steps, sparse_train.density,
-                                           sparse_train.anneal_start, sparse_train.anneal_end) > sparse_train.density:
-            annealed = next(k for k in range(1, sparse_train.steps + 1)
-                            if density_at(k - 1, sparse_train.steps, sparse_train.density, sparse_train.anneal_start,
-                                          sparse_train.anneal_end) <= sparse_train.density)
+
+        def projected_after(k: int) -> float:
+            """The density train's weights were last projected to after step k (at step index k - 1)."""
+            return density_at(k - 1, sparse_train.steps, sparse_train.density, sparse_train.anneal_start,
+                              sparse_train.anneal_end)
+        # Above the recipe's density, every joint step would project the weights down to it at once.
+        if step is not None and projected_after(step) > sparse_train.density:
+            annealed = next(k for k in range(1, sparse_train.steps + 1) if projected_after(k) <= sparse_train.density)
             raise UserError(f"{init_sparse} is step {step} of {sparse_train.steps}, taken before its weights had "
                             f"annealed to density {sparse_train.density:g} (from step {annealed} on); warm-start "
                             "from a later snapshot or the run's final checkpoint")

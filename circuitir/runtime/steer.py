@@ -101,6 +101,8 @@ def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256,
     if task_obj:
         out["dense"]["task_loss"] = _task_loss(dense.model, task_obj, dense.tokenizer, n)
         out["sparse"]["task_loss"] = _task_loss(sparse.model, task_obj, dense.tokenizer, n)
+    # The paper's bar for a hybrid: its loss closer to the dense model's than the sparse model's is.
+    gap = abs(out["sparse"]["lm_loss"] - out["dense"]["lm_loss"])
     for point in bridges.points:
         d2s = hybrid(dense_ir, sparse_ir, point, bridges.encoder(point))
         s2d = hybrid(sparse_ir, dense_ir, point, bridges.decoder(point))
@@ -111,8 +113,6 @@ def bridge_eval(bridged_path, dense_path, task: str | None = None, n: int = 256,
                "kl_d2s": float(kl_divergence(dense_logits, d2s_logits)),
                "kl_s2d": float(kl_divergence(dense_logits, s2d_logits)),
                "lm_loss_d2s": _lm_loss(d2s_logits, targets), "lm_loss_s2d": _lm_loss(s2d_logits, targets)}
-        # The paper's bar for a hybrid: its loss closer to the dense model's than the sparse model's is.
-        gap = abs(out["sparse"]["lm_loss"] - out["dense"]["lm_loss"])
         for way in ("d2s", "s2d"):
             row[f"closer_{way}"] = abs(row[f"lm_loss_{way}"] - out["dense"]["lm_loss"]) < gap
         if task_obj:
@@ -160,14 +160,14 @@ def circuit_reads(circuit, config) -> dict[str, list[int]]:
 
 def steering_label(result: dict) -> str:
     """What a steering result moved, in words: 'channel 37', 'the circuit's 23 channels', 'all 128 channels'."""
-    channels, selection = result["channels"], result.get("selection")
+    channels, selection = result["channels"], result["selection"]
     if selection == "boundary":
         what = f"all {len(channels)} channels"
     elif selection == "circuit":
         what = f"the circuit's {len(channels)} channel{'s' * (len(channels) != 1)}"
     else:
         what = f"channel {channels[0]}" if len(channels) == 1 else f"channels {channels}"
-    return f"{what} at {result['boundary']} (into the {result.get('into', 'read')})"
+    return f"{what} at {result['boundary']} (into the {result['into']})"
 
 
 def parse_channel(text: str, config) -> tuple[str, int]:
@@ -296,7 +296,6 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
     _, sparse_h_cf = residuals(sparse_ir)(counter.tokens.to(where))
     _, dense_h = residuals(dense_ir)(tokens)
     s_norm, d_norm = sparse.model.norms()[point], dense.model.norms()[point]
-    reads_actual, reads_cf = s_norm(sparse_h[point]), s_norm(sparse_h_cf[point])
     cols = torch.tensor(channels, device=where)
     valid = (torch.arange(tokens.shape[1], device=where)[None, :] <= last[:, None]).float()[..., None]
     w_dec = bridges.decoder(point).weight[:, cols]
@@ -305,6 +304,7 @@ def steer(bridged_path, dense_path, task: str, node: str | None, strengths: list
         # this boundary would see.
         delta = ((sparse_h_cf[point][..., cols] - sparse_h[point][..., cols]) * valid) @ w_dec.T  # (N, T, d_dense)
     else:
+        reads_actual, reads_cf = s_norm(sparse_h[point]), s_norm(sparse_h_cf[point])
         delta_act = (reads_cf[..., cols] - reads_actual[..., cols]) * valid       # (N, T, C); padding: no change
         rms_ratio = s_norm.inverse_scale(sparse_h[point]).reciprocal() * d_norm.inverse_scale(dense_h[point])
         back = delta_act / s_norm.weight[cols]                                     # Δ sparse residual / rms_s
