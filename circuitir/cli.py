@@ -723,10 +723,14 @@ def cmd_bridge_train(args) -> int:
     from circuitir.models.bridges import BridgeRecipe, log_to, train_bridges
 
     recipe = BridgeRecipe()
-    for name in ("steps", "batch_size", "lr", "nmse_weight", "kl_weight", "lm_weight", "encoder_k", "seed"):
+    for name in ("steps", "batch_size", "lr", "nmse_weight", "kl_weight", "lm_weight", "encoder_k", "seed", "fit"):
         value = getattr(args, name)
         if value is not None:
             setattr(recipe, name, value)
+    if (args.fit or args.bridges_from) and args.resume:
+        raise UserError("--resume continues the run its checkpoint records; leave out --fit and --bridges-from")
+    if (args.fit not in (None, "all") or args.bridges_from) and not args.sparse:
+        raise UserError("--fit and --bridges-from refine the bridges of two frozen models: give --sparse")
     if args.init_sparse and args.resume:
         raise UserError("--resume continues the run its checkpoint records (warm start included); leave out "
                         "--init-sparse")
@@ -746,7 +750,7 @@ def cmd_bridge_train(args) -> int:
     device = resolve_device(args.device)
     result = train_bridges(args.dense, args.output, sparse_path=args.sparse, recipe=recipe, resume=args.resume,
                            progress=show_progress(args), log=log_to(args.log), device=device,
-                           init_sparse=args.init_sparse)
+                           init_sparse=args.init_sparse, init_bridges=args.bridges_from)
     if args.json:
         print_json(result)
     else:
@@ -1119,6 +1123,13 @@ def add_bridge_parsers(sub) -> None:
     p.add_argument("--init-sparse", metavar="M.pt",
                    help="joint mode started from this trained sparse model: its weights are trained on with "
                         "the bridges, at --lr, kept at its density (far cheaper than a joint run from scratch)")
+    p.add_argument("--bridges-from", metavar="B.pt",
+                   help="with --sparse: start the maps from this bridged checkpoint's bridges instead of least "
+                        "squares (it must couple the same two models; a bridged checkpoint is itself a sparse "
+                        "model: --sparse B.pt --bridges-from B.pt)")
+    p.add_argument("--fit", choices=("all", "decoders", "encoders"),
+                   help="with --sparse: the maps trained; the others are kept as they start, and their terms "
+                        "are not computed [default: all]")
     p.add_argument("-o", "--output", required=True, help="bridged checkpoint to write (.pt)")
     p.add_argument("--preset", default="small", help="joint mode from scratch (neither --sparse nor "
                                                      "--init-sparse): the new sparse model's recipe preset")

@@ -342,6 +342,60 @@ def bridged(tmp_path, pair):
     return dense, out
 
 
+def test_refit_decoders_from_existing_bridges(tmp_path, bridged):
+    """--bridges-from B --fit decoders: the encoders stay byte for byte, the decoders are trained (their KL
+    falls), the encoder terms are not computed, and the file records B and what was fitted."""
+    dense, start = bridged
+    out = tmp_path / "refit.pt"
+    logged = []
+    train_bridges(str(dense), str(out), str(start), recipe(steps=30, eval_every=1, fit="decoders", nmse_weight=0.0),
+                  progress=False, log=logged.append, init_bridges=str(start))
+    before, after = (torch.load(path, weights_only=True)["bridge"] for path in (start, out))
+    assert before.keys() == after.keys() and any(key.startswith("encoders.") for key in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]) == key.startswith("encoders."), key
+    points = torch.load(start, weights_only=True)["bridge_config"]["points"]
+    assert logged[0].keys() == {"step", "loss", "seconds"} | {f"{term}/{point}" for term in ("nmse_dec", "kl_s2d")
+                                                              for point in points}
+    kl = [sum(v for k, v in record.items() if k.startswith("kl_s2d")) for record in logged]
+    assert kl[-1] < 0.9 * kl[0]
+    assert logged[-1]["loss"] == pytest.approx(kl[-1], rel=1e-4)  # the NMSE terms weighted 0
+    raw = torch.load(out, weights_only=True)
+    assert raw["bridge_recipe"]["init_bridges_sha256"] == sha(start) and raw["bridge_recipe"]["fit"] == "decoders"
+
+
+def test_bridges_from_starts_at_their_maps_not_least_squares(tmp_path, bridged):
+    """Every map trained at learning rate 0 from B: the output's bridges are B's (least squares would differ)."""
+    dense, start = bridged
+    out, fresh = tmp_path / "same.pt", tmp_path / "fresh.pt"
+    train_bridges(str(dense), str(out), str(start), recipe(steps=1, lr=0.0), progress=False,
+                  init_bridges=str(start))
+    train_bridges(str(dense), str(fresh), str(start), recipe(steps=1, lr=0.0), progress=False)
+    before, same, least_squares = (torch.load(p, weights_only=True)["bridge"] for p in (start, out, fresh))
+    assert all(torch.equal(before[key], same[key]) for key in before)
+    assert not all(torch.equal(before[key], least_squares[key]) for key in before)
+
+
+def test_refit_bad_input(capsys, tmp_path, bridged, make_model, tiny_corpus):
+    dense, start = bridged
+    other = tmp_path / "other-sparse.pt"
+    write_model(other, make_model(seed=3, block_size=BLOCK, d_model=12), tiny_corpus)
+    out = tmp_path / "o.pt"
+    for args, message in (
+            (("--sparse", other, "--bridges-from", start),
+             f"the bridges in {start} were fitted to another sparse model than {other}; give --sparse the sparse "
+             f"model they couple (the bridged checkpoint holds it: --sparse {start})"),
+            (("--sparse", start, "--bridges-from", other), "is not a bridged checkpoint"),
+            (("--sparse", start, "--bridges-from", start, "--encoder-k", "3"), "have another shape"),
+            (("--fit", "decoders"), "--fit and --bridges-from refine the bridges of two frozen models: give --sparse"),
+            (("--bridges-from", start), "give --sparse"),
+            (("--sparse", start, "--fit", "decoders", "--resume", start), "leave out --fit and --bridges-from")):
+        code, stdout, err = run_cli(capsys, "bridge", "train", "--dense", dense, *args, "--steps", "1",
+                                    "--batch-size", "2", "-o", out, "--quiet")
+        assert code == 2 and stdout == "" and message in err and err.count("\n") == 1, (args, err)
+        assert not out.exists()
+
+
 def test_bridge_eval_cli(capsys, bridged):
     dense, out = bridged
     code, stdout, _ = run_cli(capsys, "bridge", "eval", out, "--dense", dense, "--task", "quotes", "-n", "8",

@@ -120,6 +120,8 @@ class BridgeRecipe:
     seed: int = 0
     joint: bool = False               # train a sparse model with its bridges
     init_sparse_sha256: str = ""      # joint mode warm-started from this sparse model (its density kept)
+    fit: str = "all"                  # fit mode: which maps are trained ("all", "decoders", "encoders")
+    init_bridges_sha256: str = ""     # fit mode: the maps started from this bridged checkpoint's bridges
     sparse_recipe: dict = dataclasses.field(default_factory=dict)  # train.Recipe fields (joint mode)
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -162,17 +164,27 @@ class BridgeObjective(nn.Module):
         if targets is not None and weights.lm_weight:
             terms["lm"] = F.cross_entropy(sparse_logits.flatten(0, 1), targets.flatten())
             total = total + weights.lm_weight * terms["lm"]
+        # A map that is not trained (``fit``) contributes a constant: its terms are not computed. The sums
+        # keep the order of the whole objective, so fitting every map gives the same numbers bit for bit.
+        sides = [side for side, fitted in (("enc", weights.fit in ("all", "encoders")),
+                                           ("dec", weights.fit in ("all", "decoders"))) if fitted]
         for p in self.points:
             k = _key(p)
-            encoded = self.bridges.encoder(p)(dense_h[p])
-            decoded = self.bridges.decoder(p)(sparse_h[p])
-            terms[f"nmse_enc/{p}"] = nmse(encoded, sparse_h[p])
-            terms[f"nmse_dec/{p}"] = nmse(decoded, dense_h[p])
-            total = total + weights.nmse_weight * (terms[f"nmse_enc/{p}"] + terms[f"nmse_dec/{p}"])
+            mapped = {}
+            if "enc" in sides:
+                mapped["enc"] = self.bridges.encoder(p)(dense_h[p])
+                terms[f"nmse_enc/{p}"] = nmse(mapped["enc"], sparse_h[p])
+            if "dec" in sides:
+                mapped["dec"] = self.bridges.decoder(p)(sparse_h[p])
+                terms[f"nmse_dec/{p}"] = nmse(mapped["dec"], dense_h[p])
+            total = total + weights.nmse_weight * sum([terms[f"nmse_{side}/{p}"] for side in sides])
             if weights.kl_weight:
-                terms[f"kl_d2s/{p}"] = kl_divergence(dense_logits, self.sparse_suffix[k](idx, encoded))
-                terms[f"kl_s2d/{p}"] = kl_divergence(dense_logits, self.dense_suffix[k](idx, decoded))
-                total = total + weights.kl_weight * (terms[f"kl_d2s/{p}"] + terms[f"kl_s2d/{p}"])
+                if "enc" in sides:
+                    terms[f"kl_d2s/{p}"] = kl_divergence(dense_logits, self.sparse_suffix[k](idx, mapped["enc"]))
+                if "dec" in sides:
+                    terms[f"kl_s2d/{p}"] = kl_divergence(dense_logits, self.dense_suffix[k](idx, mapped["dec"]))
+                kls = [terms[f"kl_{'d2s' if side == 'enc' else 's2d'}/{p}"] for side in sides]
+                total = total + weights.kl_weight * sum(kls)
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
@@ -214,13 +226,19 @@ def _lr_at(step: int, recipe: BridgeRecipe) -> float:
 
 def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None,
                   recipe: BridgeRecipe | None = None, resume: str | None = None, progress: bool = True,
-                  log=None, device: str = "cpu", init_sparse: str | None = None) -> dict:
+                  log=None, device: str = "cpu", init_sparse: str | None = None,
+                  init_bridges: str | None = None) -> dict:
     """Fit bridges (``sparse_path``: both models frozen) or train a sparse model jointly with them.
 
     Joint mode starts from a fresh sparse model (``recipe.sparse_recipe``, annealed to its density as
     ``train`` does) or, with ``init_sparse``, from that trained sparse model: its weights are trained on
     with the bridges at its own density (every step projected back to it), a fine-tune far cheaper than a
     whole joint pretraining run.
+
+    In fit mode, ``init_bridges`` (a bridged checkpoint of the same dense and sparse models) starts the maps
+    from its bridges instead of least squares, and ``recipe.fit`` picks the maps trained ("decoders" or
+    "encoders"; the others are kept as they start): a refinement of existing bridges, e.g. decoders refitted
+    with other term weights.
 
     Everything is initialised on the CPU (so the seed gives the same start on any device), then moved to
     ``device``; checkpoints are written from CPU copies, so a file never holds device tensors."""
@@ -242,6 +260,10 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         recipe = BridgeRecipe(**raw["bridge_recipe"])
         sparse_path = raw.get("sparse_path")
     recipe.joint = sparse_path is None
+    if recipe.fit not in ("all", "decoders", "encoders"):
+        raise UserError(f"fit must be all, decoders or encoders, got {recipe.fit!r}")
+    if recipe.joint and (recipe.fit != "all" or init_bridges is not None):
+        raise UserError("--fit and --bridges-from refine the bridges of two frozen models: give --sparse")
     torch.manual_seed(recipe.seed)
     dense = load_model(dense_path)
     dense.model.requires_grad_(False)
@@ -287,6 +309,15 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
         sparse_model = SparseGPT(config)
         sparse_model.reset_parameters(torch.Generator().manual_seed(recipe.seed))
         sparse_sha, sparse_meta = None, {"recipe": sparse_train.to_dict()}
+    start_bridges = None
+    if init_bridges is not None and not resume:
+        source, start_bridges = load_bridged(init_bridges, dense)
+        theirs, ours = source.model.state_dict(), sparse_model.state_dict()
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k].cpu()) for k in ours):
+            raise UserError(f"the bridges in {init_bridges} were fitted to another sparse model than "
+                            f"{sparse_path}; give --sparse the sparse model they couple (the bridged "
+                            f"checkpoint holds it: --sparse {init_bridges})")
+        recipe.init_bridges_sha256 = source.sha256
     if sparse_model.config.n_layer != dense.model.config.n_layer:
         raise UserError("the dense and sparse models need the same number of layers to be bridged")
     if sparse_model.config.block_size != dense.model.config.block_size:
@@ -300,6 +331,14 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
             nn.init.normal_(param, 0.0, 1.0 / math.sqrt(param.shape[1]), generator=gen)
         else:
             nn.init.zeros_(param)
+    if start_bridges is not None:
+        if start_bridges.config() != bridges.config():
+            raise UserError(f"the bridges in {init_bridges} have another shape ({start_bridges.config()}) than "
+                            f"this run's ({bridges.config()}); leave out --encoder-k or give theirs")
+        bridges.load_state_dict(start_bridges.state_dict())
+    fitted = {"all": bridges, "decoders": bridges.decoders, "encoders": bridges.encoders}[recipe.fit]
+    bridges.requires_grad_(False)
+    fitted.requires_grad_(True)
     device = torch.device(device)
     for module in (dense.model, sparse_model, bridges):
         module.to(device)
@@ -310,7 +349,7 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
     pool = task_text_pool(tokenizer, seed=recipe.seed) if batch_recipe.task_mix > 0 else None
     batches = Batches(corpus.train, pool, batch_recipe, sparse_model.config.block_size)
 
-    params = list(bridges.parameters())
+    params = list(fitted.parameters())
     if recipe.joint:
         sparse_opt = make_optimizer(sparse_model, sparse_train)
         optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}] + sparse_opt.param_groups,
@@ -324,7 +363,7 @@ def train_bridges(dense_path: str, out_path: str, sparse_path: str | None = None
             sparse_model.load_state_dict(raw["state_dict"])
         optimizer.load_state_dict(raw["optimizer"])
         start_step, history = int(raw["step"]), list(raw.get("history", []))
-    elif recipe.least_squares_init:
+    elif recipe.least_squares_init and start_bridges is None:
         # Several batches (thousands of tokens) so the 129-parameter-per-output fits do not overfit.
         inputs = torch.cat([batches.get(-1 - i)[0] for i in range(max(1, 64 // recipe.batch_size))]).to(device)
         with torch.no_grad():
