@@ -721,3 +721,21 @@ def test_bridge_commands_device_cuda_without_a_gpu_is_one_line_before_any_work(b
                                       "-o", tmp_path / "t.pt"]})
     assert not (tmp_path / "t.pt").exists()
     assert not (tmp_path / "steer.png").exists()
+
+
+def test_shipped_joint_bridged_model_meets_the_hybrid_bar(capsys):
+    """models/bridged-joint.pt (MODEL_CARD.md): at every boundary both hybrids' LM loss is closer to the dense
+    model's than the sparse model's is, with the numbers the card gives; its quotes circuit is of this file."""
+    from circuitir.api import load
+    from circuitir.models.checkpoint import load_model
+    repo = Path(__file__).resolve().parent.parent
+    bridged, dense = repo / "models/bridged-joint.pt", repo / "models/dense.pt"
+    code, stdout, err = run_cli(capsys, "bridge", "eval", bridged, "--dense", dense, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["sparse"]["lm_loss"] == pytest.approx(2.0193, abs=1e-4)
+    assert [b["boundary"] for b in result["boundaries"]] == ["0.attn", "0.mlp", "1.attn", "1.mlp", "final"]
+    assert all(b["closer_d2s"] and b["closer_s2d"] for b in result["boundaries"])
+    assert result["boundaries"][-1]["lm_loss_s2d"] == pytest.approx(2.0034, abs=1e-4)
+    circuit = load(repo / "examples/bridged-joint-quotes.cir")
+    assert circuit.provenance.model_sha256 == load_model(bridged).sha256
