@@ -729,8 +729,6 @@ def cmd_bridge_train(args) -> int:
             setattr(recipe, name, value)
     if (args.fit or args.bridges_from) and args.resume:
         raise UserError("--resume continues the run its checkpoint records; leave out --fit and --bridges-from")
-    if (args.fit not in (None, "all") or args.bridges_from) and not args.sparse:
-        raise UserError("--fit and --bridges-from refine the bridges of two frozen models: give --sparse")
     if args.init_sparse and args.resume:
         raise UserError("--resume continues the run its checkpoint records (warm start included); leave out "
                         "--init-sparse")

@@ -11,7 +11,8 @@ two residual streams. The objective (``bridge_loss``):
 NMSE is the MSE divided by the variance of the target (each channel centred on its
 own mean, averaged over channels); KL is per token, averaged over tokens.
 
-Two modes: ``--sparse M.pt`` fits only the bridges to two frozen models;
+Two modes: ``--sparse M.pt`` fits only the bridges to two frozen models (from least squares, or,
+with ``--bridges-from``, from an existing bridged checkpoint's maps, ``--fit`` choosing which side);
 without it a new weight-sparse model is trained jointly with its bridges (the
 paper's objective, the sparse model's pretraining loss included), with
 ``train.py``'s recipe: annealed top-k projection (≥4 per neuron), gradient RMS
