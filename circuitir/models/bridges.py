@@ -165,26 +165,26 @@ class BridgeObjective(nn.Module):
         if targets is not None and weights.lm_weight:
             terms["lm"] = F.cross_entropy(sparse_logits.flatten(0, 1), targets.flatten())
             total = total + weights.lm_weight * terms["lm"]
-        # A map that is not trained (``fit``) contributes a constant: its terms are not computed. The sums
-        # keep the order of the whole objective, so fitting every map gives the same numbers bit for bit.
-        sides = [side for side, fitted in (("enc", weights.fit in ("all", "encoders")),
-                                           ("dec", weights.fit in ("all", "decoders"))) if fitted]
+        # A map that is not trained (``fit``) contributes a constant: its terms are not computed. The NMSE
+        # terms are summed before the KL terms, as the objective reads, so fitting every map gives the same
+        # numbers bit for bit as the whole objective.
+        trained = {"enc": weights.fit in ("all", "encoders"), "dec": weights.fit in ("all", "decoders")}
         for p in self.points:
             k = _key(p)
-            mapped = {}
-            if "enc" in sides:
-                mapped["enc"] = self.bridges.encoder(p)(dense_h[p])
-                terms[f"nmse_enc/{p}"] = nmse(mapped["enc"], sparse_h[p])
-            if "dec" in sides:
-                mapped["dec"] = self.bridges.decoder(p)(sparse_h[p])
-                terms[f"nmse_dec/{p}"] = nmse(mapped["dec"], dense_h[p])
-            total = total + weights.nmse_weight * sum([terms[f"nmse_{side}/{p}"] for side in sides])
-            if weights.kl_weight:
-                if "enc" in sides:
-                    terms[f"kl_d2s/{p}"] = kl_divergence(dense_logits, self.sparse_suffix[k](idx, mapped["enc"]))
-                if "dec" in sides:
-                    terms[f"kl_s2d/{p}"] = kl_divergence(dense_logits, self.dense_suffix[k](idx, mapped["dec"]))
-                kls = [terms[f"kl_{'d2s' if side == 'enc' else 's2d'}/{p}"] for side in sides]
+            nmses, kls = [], []
+            for side, hybrid, bridge, source, target, rest in (
+                    ("enc", "d2s", self.bridges.encoder(p), dense_h, sparse_h, self.sparse_suffix[k]),
+                    ("dec", "s2d", self.bridges.decoder(p), sparse_h, dense_h, self.dense_suffix[k])):
+                if not trained[side]:
+                    continue
+                mapped = bridge(source[p])
+                terms[f"nmse_{side}/{p}"] = nmse(mapped, target[p])
+                nmses.append(terms[f"nmse_{side}/{p}"])
+                if weights.kl_weight:
+                    terms[f"kl_{hybrid}/{p}"] = kl_divergence(dense_logits, rest(idx, mapped))
+                    kls.append(terms[f"kl_{hybrid}/{p}"])
+            total = total + weights.nmse_weight * sum(nmses)
+            if kls:
                 total = total + weights.kl_weight * sum(kls)
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
