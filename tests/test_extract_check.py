@@ -451,3 +451,33 @@ def test_frontier_options_are_checked_before_any_work(tmp_path, argv, message):
     assert (code, out) == (2, "")
     assert err.startswith(f"circuitir extract: error: {message}")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the search's shortcuts change nothing
+
+def test_stopping_failed_candidates_early_changes_no_circuit(setup, monkeypatch):
+    """prune stops evaluating a candidate once the prompts run so far prove its loss over the goal; the
+    circuit must be bit-for-bit the one full evaluations of every candidate give."""
+    from circuitir.passes import prune as prune_module
+
+    def run():
+        circuit, _ = extract(setup["loaded"], setup["task"], pipeline=setup["pipeline"], progress=False)
+        return circuit
+
+    fast = run()
+    monkeypatch.setattr(prune_module, "STOP_EARLY", False)
+    slow = run()
+    assert emit(fast) == emit(slow)
+    assert fast.n_nodes > 0
+
+
+def test_bisection_alone_lands_near_the_final_circuit(setup):
+    """The learned order is good enough that bisection on it (greedy=false) keeps at most 1.5x the
+    nodes of the full pipeline's circuit (it kept nearly the whole model before λ followed the goal)."""
+    loaded, task = setup["loaded"], setup["task"]
+    pipeline = setup["pipeline"].replace("steps=60", "steps=300")  # the default's learning
+    full, _ = extract(loaded, task, pipeline=pipeline, progress=False)
+    bisected, _ = extract(loaded, task, pipeline=pipeline.replace("prune{", "prune{greedy=false,"), progress=False)
+    metrics = bisected.header["metrics"]
+    assert metrics["bisect_nodes"] <= 1.5 * full.n_nodes
+    assert metrics["bisect_nodes"] < 0.25 * sum(site.width for site in loaded.model.sites().values())

@@ -402,6 +402,9 @@ def test_a_huge_token_count_for_the_means_is_refused(monkeypatch, tmp_path, load
     ("trace, mean-ablate, prune{masks=100000}, lower", "pipeline: prune{masks} must be from 1 to 4096, got 100000"),
     ("trace, mean-ablate, prune{lr=0}, lower", "pipeline: prune{lr} must be in (0, 10], got 0.0"),
     ("trace, mean-ablate, prune{sparsity=-1}, lower", "pipeline: prune{sparsity} must be in [0, 1000], got -1.0"),
+    ("trace, mean-ablate, prune{adapt=2}, lower", "pipeline: prune{adapt} must be in [0, 1], got 2.0"),
+    ("trace, mean-ablate, prune{aim=0}, lower", "pipeline: prune{aim} must be in (0, 1], got 0.0"),
+    ("trace, mean-ablate, prune{warmup=1.5}, lower", "pipeline: prune{warmup} must be in [0, 1], got 1.5"),
     ("trace, mean-ablate{tokens=0}, prune, lower",
      "pipeline: mean-ablate{tokens} must be from 1 to 1,073,741,824 (2^30), got 0"),
 ])

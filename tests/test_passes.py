@@ -426,6 +426,30 @@ def test_bisect_on_step_losses(n, data):
     assert (k, loss) == (threshold, 0.1)
 
 
+def test_bisect_from_the_learned_kept_set_ignores_the_non_monotone_tail():
+    """Past the learned kept set, restoring nodes the mask learned to ablate can raise the loss: here the
+    first 10 nodes meet the target, nodes 10-89 hurt, and only nearly all nodes meet it again. Plain
+    bisection from the whole order lands in the tail; bracketing from the kept count does not."""
+    def loss_of(prefix):
+        k = len(prefix)
+        return 0.9 if k < 7 else 0.1 if k <= 10 else 0.8 if k < 90 else 0.12
+    order = list(range(100))
+    assert bisect(order, loss_of, 0.2)[0] >= 90
+    assert bisect(order, loss_of, 0.2, start=10) == (7, 0.1)
+    assert bisect(order, loss_of, 0.2, start=8) == (7, 0.1)
+
+
+@pytest.mark.parametrize("start, expected_calls", [(3, [3, 6, 12, 24, 18, 21, 20, 19]), (40, [40, 20, 10, 15, 18, 19])])
+def test_bisect_brackets_upward_when_the_kept_set_misses(start, expected_calls):
+    calls = []
+
+    def loss_of(prefix):
+        calls.append(len(prefix))
+        return 0.1 if len(prefix) >= 20 else 0.9
+    assert bisect(list(range(64)), loss_of, 0.5, start=start) == (20, 0.1)
+    assert calls == expected_calls  # doubling up to a prefix that meets it, then bisection below
+
+
 def test_greedy_returns_exactly_the_required_set():
     nodes = [("0.mlp.post_act", i) for i in range(30)]
     required = {nodes[3], nodes[17], nodes[29]}

@@ -138,7 +138,7 @@ def _finish(state: PipelineState, calls: list, heldout: int, started: float) -> 
     circuit.header["metrics"] = {
         "target_loss": target_loss, "loss": metrics["loss"], "accuracy": metrics["accuracy"],
         "heldout_prompts": metrics["n"], "nodes": circuit.n_nodes, "edges": circuit.n_edges,
-        **{k: v for k, v in state.metrics.get("prune", {}).items() if k != "evaluations"},
+        **{k: v for k, v in state.metrics.get("prune", {}).items() if k not in ("evaluations", "forwards")},
     }
     summary = {"task": task.name, "nodes": circuit.n_nodes, "edges": circuit.n_edges, "loss": metrics["loss"],
                "target_loss": target_loss, "seconds": time.time() - started}
