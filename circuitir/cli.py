@@ -864,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a weight-sparse (or --dense) model on Python source",
-                       description="Weight-sparse pretraining (PAPER.md recipe). Writes a checkpoint that "
+                       description="Weight-sparse pretraining (the paper's recipe). Writes a checkpoint that "
                                    "records config, tokenizer, corpus hash, recipe, seed and metrics.")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
     p.add_argument("--preset", default="small", help="recipe preset: tiny (seconds) or small (the shipped "
@@ -1110,7 +1110,7 @@ def training_run_options(p) -> None:
 def add_bridge_parsers(sub) -> None:
     """`bridge train`, `bridge eval` and `steer` (issue 8)."""
     bridge = sub.add_parser("bridge", help="bridges between a sparse and a dense model: train, eval",
-                            description="Encoders/decoders at every sublayer boundary (PAPER.md § Bridges).")
+                            description="Encoders/decoders at every sublayer boundary (the paper's bridges).")
     bsub = bridge.add_subparsers(dest="bridge_command", required=True, metavar="SUBCOMMAND")
     p = bsub.add_parser("train", help="fit bridges to two frozen models (--sparse), or train a sparse model "
                                       "jointly with them",
@@ -1170,7 +1170,7 @@ def add_bridge_parsers(sub) -> None:
     p.set_defaults(run=cmd_bridge_explain)
 
     p = sub.add_parser("steer", help="steer the dense model along a sparse channel through the bridge",
-                       description="PAPER.md A.4: counterfactual minus actual activation of a sparse channel "
+                       description="The paper's appendix A.4: counterfactual minus actual activation of a sparse channel "
                                    "(from each prompt's contrast partner), decoded into the dense model's "
                                    "read at that boundary, times each strength; beside a random direction "
                                    "of the same norm.")

@@ -1,4 +1,4 @@
-"""Bridges: encoders and decoders coupling a weight-sparse model to a dense one (PAPER.md § Bridges).
+"""Bridges: encoders and decoders coupling a weight-sparse model to a dense one (Gao et al. 2025, bridges).
 
 One bridge per sublayer boundary (``ir/bridge.py: boundaries``): an encoder
 dense->sparse ``AbsTopK(Linear)`` and a decoder sparse->dense ``Linear`` between the

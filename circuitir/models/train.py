@@ -1,6 +1,6 @@
 """Weight-sparse (and dense baseline) pretraining on Python source.
 
-The recipe follows the paper (see PAPER.md): Adam with β=(0.9, 0.95) and a
+The recipe follows the paper (Gao et al. 2025): Adam with β=(0.9, 0.95) and a
 large eps, the whole gradient divided by its RMS every step, linear warmup and
 decay, decoupled weight decay on matrices, and after every step a top-k
 projection of every sparse matrix, with k annealed linearly from dense to the

@@ -153,7 +153,7 @@ class MaskedTask:
     def pairs(self, masks: dict, batch, stop=None) -> torch.Tensor | None:
         """(M, N, 2) [correct, alternative] logits under ``masks`` ({site: (M, W) or (W,)}).
 
-        ``stop``, if given, is called after each bucket with the logits so far (M, rows done, 2), the
+        ``stop``, if given, is called after each bucket with that bucket's logits (M, rows, 2), the
         shortest prompts first; when it returns True the evaluation ends there and ``pairs`` returns
         None. Buckets are the same whether or not it stops, so a finished evaluation is bit-for-bit
         the one without ``stop``."""
@@ -173,7 +173,7 @@ class MaskedTask:
                                       at_last.gather(-1, batch.alternative[rows].expand(len(at_last), -1)[..., None])],
                                      dim=-1)[..., 0, :])
             self.rows_run += len(rows)
-            if stop is not None and self.rows_run < len(order) and stop(torch.cat(parts, dim=1)):
+            if stop is not None and self.rows_run < len(order) and stop(parts[-1]):
                 return None
         pairs = torch.cat(parts, dim=1)
         inverse = torch.empty_like(order)
@@ -216,18 +216,18 @@ class MaskedLoss:
 
     def losses(self, masks: list[dict], over: float | None = None) -> list[float]:
         n = len(self.batch.tokens)
-        proven: list[float] = []
+        sums = torch.zeros(len(masks), dtype=torch.float64)  # per mask: per-prompt losses so far, / n
 
-        def stop(done):  # every mask's loss already proven above the bound
-            sums = F.cross_entropy(done.flatten(0, 1).double(), torch.zeros(done.shape[0] * done.shape[1],
-                                   dtype=torch.long), reduction="none").view(done.shape[:2]).sum(1) / n
-            proven[:] = sums.tolist()
+        def stop(bucket):  # every mask's loss already proven above the bound
+            zeros = torch.zeros(bucket.shape[0] * bucket.shape[1], dtype=torch.long)
+            sums.add_(F.cross_entropy(bucket.flatten(0, 1).double(), zeros, reduction="none")
+                      .view(bucket.shape[:2]).sum(1) / n)
             return bool((sums > over * (1 + STOP_SLACK)).all())
 
         early = over is not None and not self.calibrate
         pairs_many = self.pair_logits_many(masks, stop if early else None)
         if pairs_many is None:
-            return proven
+            return sums.tolist()
         out = []
         for pairs in pairs_many:
             scale = fit_scale(pairs) if self.calibrate else 1.0
@@ -250,10 +250,10 @@ def mask_of(model, nodes) -> dict:
 
 
 def learn_logits(graph_ir, fills, batch, options: PruneOptions, seed: int, progress: bool,
-                 goal: float | None = None) -> dict:
+                 goal: float | None = None) -> tuple[dict, dict]:
     """One logit per node, learned through the masked graph (the source model is not touched: its
-    parameters are read, never given gradients). Returns ``{site: τ}`` and, under ``"order"``, the
-    nodes' sort key (see :func:`learned_order`).
+    parameters are read, never given gradients). Returns ``({site: τ}, {site: running average of τ})``,
+    the two keys of :func:`learned_order`.
 
     With ``goal`` and ``adapt > 0`` the sparsity weight λ is a multiplier that follows the task loss:
     after each step it is multiplied by ``1 + adapt`` while the running task loss is under the goal
