@@ -112,8 +112,8 @@ def test_tikz_document_compiles_with_pdflatex(tmp_path, circuit, collapse):
     assert result.returncode == 0, result.stdout[-2000:]
     text = subprocess.run(["pdftotext", "-layout", str(tmp_path / "fig.pdf"), "-"], capture_output=True,
                           text=True, check=True).stdout
-    assert "bracket_counting: 89 nodes, 164 edges" in text and "logit ]" in text
-    assert ("head 4 q3 k7 v2" in text) if collapse else ("n214" in text and "head 4" in text)
+    assert "bracket_counting: 82 nodes, 151 edges" in text and "logit ]" in text
+    assert ("head 4 q3 k6 v3" in text) if collapse else ("n214" in text and "head 4" in text)
     assert "open-bracket reader" in text or collapse
     pages = subprocess.run(["pdfinfo", str(tmp_path / "fig.pdf")], capture_output=True, text=True).stdout
     assert re.search(r"^Pages:\s+1$", pages, re.M)

@@ -28,7 +28,7 @@ def test_paper_builds_with_figure_and_listing(tmp_path):
                           check=True).stdout
     assert "The bracket-counting circuit of a weight-sparse transformer" in text
     # the figure (TikZ, as text in the PDF) and the listing (coloured by minted or Pygments)
-    assert "bracket_counting: 89 nodes, 164 edges" in text and "head 4 q3 k7 v2" in text
+    assert "bracket_counting: 82 nodes, 151 edges" in text and "head 4 q3 k6 v3" in text
     assert "weight > 0" in text or "weight  > 0" in text
     assert "1.mlp.post_act[214]" in text and "label auto" in text
     mode = (work / "listing-mode.tex").read_text().strip()
